@@ -1,0 +1,35 @@
+# The front door. `make demo` and `make test` install into .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# torch 2.13.0: the CPU wheel where the machine has it on disk; override with `make install TORCH=torch`
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test test-all lint bench clean
+
+$(BIN)/compress: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q "$(TORCH)" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import compress, torch, onnxruntime, mnist1d" && touch $@
+
+install: $(BIN)/compress
+
+demo: install
+	$(BIN)/compress demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m ""
+
+lint: install
+	$(BIN)/ruff check compress tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/train_mnist1d_teacher.py --check
+
+clean:
+	rm -rf $(VENV) compress-demo compress-out .pytest_cache

@@ -1,0 +1,241 @@
+"""`compress` commands. Each one parses options, calls the library, and renders the result.
+
+Results go to stdout (`--json` prints only the report there); progress, tables and errors go to
+stderr. A `CompressError` or a bad option prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from compress.cli.render import ProgressView, console, print_table
+from compress.errors import CompressError
+
+
+class WidthType(click.ParamType):
+    """A width: 8000, 8k, 400k, 1.5M."""
+
+    name = "width"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        from compress.student import parse_width
+
+        try:
+            return parse_width(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class RankType(click.ParamType):
+    """A rank: a whole number >= 0, or 'auto'."""
+
+    name = "rank"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "auto":
+            return None
+        try:
+            k = int(str(value).strip())
+        except ValueError:
+            self.fail(f"'{value}' is not a rank; use a whole number >= 0 (0: no bottleneck) or auto",
+                      param, ctx)
+        if k < 0:
+            self.fail(f"{k} is negative; use 0 for no bottleneck", param, ctx)
+        return k
+
+
+class OneLineErrors(click.Group):
+    """Errors as one line on stderr: `Error: ...`, exit status 2, no traceback, no usage dump."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+            click.echo(f"Error: {e.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(2)
+        except CompressError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="compress")
+def cli() -> None:
+    """Distill a trained classifier into a wide, shallow student and ship it as ONNX (SNN-MIMIC)."""
+
+
+def _fit_options(f: Any) -> Any:
+    from compress.fit import FitConfig
+
+    d = FitConfig()
+    opts = [
+        click.option("--width", type=WidthType(), default="8k", show_default=True,
+                     help="Hidden ReLU units H: 8000, 8k, 400k, 1.5M."),
+        click.option("--rank", type=RankType(), default="auto", show_default=True,
+                     help="Linear bottleneck k (0: none; auto: min(250, inputs/2))."),
+        click.option("--epochs", type=int, default=None,
+                     help="Passes over the transfer data [default: about 4,000 steps, 10..300]."),
+        click.option("--batch-size", type=int, default=d.batch_size, show_default=True,
+                     help="Samples per optimizer step."),
+        click.option("--lr", type=float, default=d.lr, show_default=True,
+                     help="Peak Adam learning rate (3% warm-up, cosine decay)."),
+        click.option("--loss", type=click.Choice(["l2", "kl"]), default=d.loss, show_default=True,
+                     help="l2 on logits (the paper's) or kl with --temperature (Hinton 2015)."),
+        click.option("--temperature", type=float, default=d.temperature, show_default=True,
+                     help="Softmax temperature for --loss kl."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True, help="Where to train; auto uses a GPU when there is one."),
+        click.option("--seed", type=int, default=d.seed, show_default=True,
+                     help="Seed for initialization, shuffling and the held-out split."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _emit(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+
+
+@cli.command()
+@click.argument("teachers", nargs=-1, required=True, metavar="TEACHER [TEACHER...]")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Transfer inputs (.npy, .npz, .csv): unlabeled samples the teacher labels.")
+@click.option("--eval-data", type=click.Path(path_type=Path),
+              help="Evaluation inputs for the comparison [default: a held-out 10% of --data].")
+@click.option("--eval-labels", type=click.Path(path_type=Path),
+              help="Class labels for --eval-data, for accuracy.")
+@click.option("--out", "out_dir", default="compress-out", show_default=True,
+              type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--output", default=None, help="Teacher output holding the logits [default: first float].")
+@click.option("--key", default=None, help="Array name inside .npz files.")
+@_fit_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
+def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_labels: Path | None,
+            out_dir: Path, output: str | None, key: str | None, width: int, rank: int | None,
+            epochs: int | None, batch_size: int, lr: float, loss: str, temperature: float,
+            device: str, seed: int, as_json: bool) -> None:
+    """Distill TEACHER (several: their ensemble) into a wide, shallow student.
+
+    Writes student.onnx, student.pt, report.json and report.md into --out.
+    """
+    from compress.fit import FitConfig
+    from compress.pipeline import DistillOptions, distill as run
+
+    opts = DistillOptions(
+        width=width, rank=rank, out_dir=str(out_dir), output=output, key=key,
+        fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
+                      temperature=temperature, device=device, seed=seed),
+    )
+    with ProgressView() as view:
+        report = run(list(teachers), data, opts, eval_data, eval_labels, progress=view.update)
+    _emit(report, as_json)
+    if not as_json:
+        console.print(f"Wrote {out_dir}/student.onnx, student.pt, report.json, report.md")
+
+
+@cli.command()
+@click.argument("teachers", nargs=-1, required=True, metavar="TEACHER [TEACHER...]")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Transfer inputs.")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+              help="Where to write the logits (.npy).")
+@click.option("--output", default=None, help="Teacher output holding the logits.")
+@click.option("--key", default=None, help="Array name inside .npz files.")
+@click.option("--batch-size", type=int, default=1024, show_default=True, help="Teacher batch size.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where the teacher runs.")
+def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str | None,
+            key: str | None, batch_size: int, device: str) -> None:
+    """Label the transfer data with the teacher's logits, once, into a .npy file."""
+    from compress import data as data_mod
+    from compress.targets import cache_key, compute_targets
+    from compress.teachers import load_teacher
+
+    if out_path.suffix != ".npy":
+        raise click.BadParameter(f"{out_path} must end in .npy", param_hint="--out")
+    teacher = load_teacher(list(teachers), output=output, device=device)
+    x = data_mod.load_inputs(data, teacher.signature.sample_shape, key=key)
+    key_ = cache_key(list(teachers), data, teacher.signature.output_name, x.shape[0])
+    with ProgressView() as view:
+        z = compute_targets(teacher, x, out_path, key_, batch_size,
+                            lambda done, n: view.update("targets", {"done": done, "total": n}))
+    click.echo(f"{out_path}: {z.shape[0]} x {z.shape[1]} logits")
+
+
+@cli.command()
+@click.argument("student", type=click.Path(path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+              help="The ONNX file to write.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Inputs for the parity check [default: 256 random ones].")
+@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True,
+              help="Weight precision of the export.")
+def export(student: Path, out_path: Path, data: Path | None, precision: str) -> None:
+    """Export a student.pt to ONNX, checked against the torch student before it is kept."""
+    import numpy as np
+
+    from compress import data as data_mod
+    from compress.exporters.onnx import export_onnx
+    from compress.student import load_student
+    from compress.teachers import Signature
+
+    model, cfg, meta = load_student(str(student))
+    sig = Signature(**{**meta["signature"], "sample_shape": tuple(meta["signature"]["sample_shape"])})
+    if data is not None:
+        x = data_mod.load_inputs(data, cfg.sample_shape)
+    else:
+        x = np.random.default_rng(0).standard_normal((256, *cfg.sample_shape)).astype(np.float32)
+    res = export_onnx(model, cfg, sig, out_path, x)
+    click.echo(json.dumps({"path": res.path, "max_abs_diff": res.max_abs_diff,
+                           "size_bytes": res.size_bytes}))
+
+
+@cli.command()
+@click.option("--out", "out_dir", default="compress-demo", show_default=True,
+              type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--transfer", type=int, default=40_000, show_default=True,
+              help="Fresh unlabeled MNIST-1D samples to generate as transfer data.")
+@click.option("--width", type=WidthType(), default="4k", show_default=True, help="Student width.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def demo(out_dir: Path, transfer: int, width: int, as_json: bool) -> None:
+    """Distill the built-in MNIST-1D CNN teacher on freshly generated transfer data."""
+    from compress.demo import prepare
+    from compress.pipeline import DistillOptions, distill as run
+
+    console.print(f"Generating {transfer:,} MNIST-1D transfer samples and the 1,000-sample test set...")
+    files = prepare(out_dir, transfer)
+    opts = DistillOptions(width=width, rank=0, out_dir=str(out_dir))
+    with ProgressView() as view:
+        report = run([files.teacher], files.transfer, opts, files.test_x, files.test_y,
+                     progress=view.update)
+    _emit(report, as_json)
+    if not as_json:
+        console.print(f"Wrote {out_dir}/student.onnx, student.pt, report.json, report.md")
+
+
+def main() -> None:
+    cli(prog_name="compress")

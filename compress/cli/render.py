@@ -1,0 +1,68 @@
+"""Rendering for the terminal: a rich progress display and the teacher-vs-student table, on stderr."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+_LABELS = {"targets": "Labelling transfer data", "fit": "Fitting student"}
+
+
+class ProgressView:
+    """Receives the library's (stage, details) callbacks and shows one bar per stage."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                 console=console, transient=False)
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> ProgressView:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def _task(self, stage: str, total: float | None) -> TaskID:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(_LABELS.get(stage, stage.capitalize()),
+                                                       total=total, info="")
+        return self.tasks[stage]
+
+    def update(self, stage: str, info: dict[str, Any]) -> None:
+        if stage == "targets":
+            t = self._task(stage, info["total"])
+            self.progress.update(t, completed=info["done"], info=f"{info['done']:,}/{info['total']:,}")
+        elif stage == "fit":
+            t = self._task(stage, info["steps"])
+            parts = [f"epoch {info['epoch']}/{info['epochs']}",
+                     f"{info['samples_per_second']:,.0f} samples/s"]
+            if "loss" in info:
+                parts += [f"val loss {info['loss']:.4f}", f"agreement {100 * info['agreement']:.2f}%"]
+                self.last_fit = ", ".join(parts)
+            self.progress.update(t, completed=info["step"],
+                                 info=", ".join(parts) if "loss" in info else
+                                 getattr(self, "last_fit", parts[0]))
+        else:
+            t = self._task(stage, 1)
+            self.progress.update(t, completed=1)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from compress.evaluate import comparison_rows
+
+    s = report["student"]
+    table = Table(title=f"Teacher vs student (width {s['width']:,}, rank {s['rank']}) on "
+                        f"{report['eval']['source']}")
+    table.add_column("metric")
+    table.add_column("teacher", justify="right")
+    table.add_column("student", justify="right")
+    for row in comparison_rows(report):
+        table.add_row(*row)
+    console.print(table)

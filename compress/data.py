@@ -1,0 +1,151 @@
+"""Reading transfer and evaluation data: `.npy` (memory-mapped), `.npz` and numeric `.csv`.
+
+Every loader checks what it reads and raises `DataError` with the option and file named, so that a
+bad file is reported in one line before any teacher or training work starts.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import DataError
+
+FORMATS = (".npy", ".npz", ".csv")
+_CHUNK_ROWS = 65536  # rows checked at a time, so a memory-mapped file is never read whole
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise DataError(f"{what} {path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{what} {path}: is a folder; expected one of {', '.join(FORMATS)}")
+    if path.suffix.lower() not in FORMATS:
+        raise DataError(f"{what} {path}: unsupported format '{path.suffix}'; use {', '.join(FORMATS)}")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise DataError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
+    if size == 0:
+        raise DataError(f"{what} {path}: file is empty")
+
+
+def _read_csv(path: Path, what: str) -> np.ndarray:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    try:
+        [float(v) for v in first.strip().split(",")]
+        skip = 0
+    except ValueError:
+        skip = 1  # a header row
+    try:
+        arr = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
+    except ValueError as e:
+        raise DataError(f"{what} {path}: not a numeric CSV file ({e})") from None
+    return arr
+
+
+def load_array(path: str | Path, *, what: str = "--data", key: str | None = None) -> np.ndarray:
+    """Open an array file. `.npy` is memory-mapped (read-only), never read whole here.
+
+    `what` is the option the file came from; it starts every error message. `key` picks the array of
+    an `.npz` holding several. Pickled objects are never loaded.
+    """
+    path = Path(path)
+    _check_file(path, what)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                names = list(archive.files)
+                if key is None and len(names) != 1:
+                    raise DataError(f"{what} {path}: holds arrays {names}; pick one with --key")
+                name = key if key is not None else names[0]
+                if name not in names:
+                    raise DataError(f"{what} {path}: no array named '{name}' (has {names})")
+                arr = archive[name]
+        else:
+            arr = _read_csv(path, what)
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        kind = suffix.lstrip(".")
+        raise DataError(f"{what} {path}: not a valid .{kind} array file ({e})") from None
+    if not isinstance(arr, np.ndarray):
+        raise DataError(f"{what} {path}: does not hold an array")
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{what} {path}: holds {arr.dtype} values; expected numbers")
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise DataError(f"{what} {path}: holds no samples (shape {arr.shape})")
+    return arr
+
+
+def check_finite(arr: np.ndarray, path: str | Path, what: str = "--data") -> None:
+    """Raise if any value is NaN or infinite, naming the first bad row. Reads in chunks."""
+    if arr.dtype.kind != "f":
+        return
+    for start in range(0, arr.shape[0], _CHUNK_ROWS):
+        chunk = np.asarray(arr[start : start + _CHUNK_ROWS])
+        bad = ~np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)
+        if bad.any():
+            row = start + int(np.argmax(bad))
+            raise DataError(f"{what} {path}: contains NaN or inf values (first in sample {row})")
+
+
+def fit_shape(
+    arr: np.ndarray, sample_shape: tuple[int | None, ...], path: str | Path, what: str = "--data"
+) -> np.ndarray:
+    """Match `arr`'s samples to the teacher's input shape (None = any size along that axis).
+
+    Flat rows (`(N, D)`, as from a CSV) are reshaped when D equals the product of a fixed shape.
+    """
+    got = tuple(arr.shape[1:])
+    if len(got) == len(sample_shape) and all(e is None or e == g for e, g in zip(sample_shape, got)):
+        return arr
+    fixed = all(e is not None for e in sample_shape)
+    if fixed and arr.ndim == 2 and math.prod(sample_shape) == got[0]:  # type: ignore[arg-type]
+        return arr.reshape((arr.shape[0], *sample_shape))
+    want = tuple("?" if e is None else e for e in sample_shape)
+    raise DataError(f"{what} {path}: samples have shape {got} but the teacher expects {want}")
+
+
+def load_inputs(
+    path: str | Path,
+    sample_shape: tuple[int | None, ...],
+    *,
+    what: str = "--data",
+    key: str | None = None,
+) -> np.ndarray:
+    """Load, check (non-empty, finite, right shape) and return float32 inputs held in memory."""
+    arr = load_array(path, what=what, key=key)
+    arr = fit_shape(arr, sample_shape, path, what)
+    check_finite(arr, path, what)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def load_labels(path: str | Path, n_samples: int, *, what: str = "--eval-labels",
+                data_what: str = "--eval-data") -> np.ndarray:
+    """Integer class labels, one per sample: shape (N,) or (N, 1)."""
+    arr = np.asarray(load_array(path, what=what))
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise DataError(f"{what} {path}: expected one label per sample, got shape {arr.shape}")
+    if arr.shape[0] != n_samples:
+        raise DataError(
+            f"{what} {path}: has {arr.shape[0]} labels but {data_what} has {n_samples} samples"
+        )
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or not np.equal(np.round(arr), arr).all():
+            raise DataError(f"{what} {path}: labels must be whole class numbers")
+    if (arr < 0).any():
+        raise DataError(f"{what} {path}: labels must be class numbers >= 0")
+    return arr.astype(np.int64)

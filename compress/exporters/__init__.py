@@ -1,0 +1,1 @@
+"""Exporters: the student as a file a production runtime loads."""

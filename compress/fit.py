@@ -1,0 +1,219 @@
+"""Fitting the student to the teacher's logits.
+
+The default loss is the paper's L2 regression on logits, 1/(2T) sum_t ||f(x_t) - z_t||^2
+(Ba & Caruana 2014, eq. 1); `loss="kl"` is Hinton et al. (2015)'s softened cross-entropy instead.
+
+Defaults, chosen to work untuned on the tests' teachers and the demo (see README, "Training"):
+Adam, learning rate 1e-3 with a 3% linear warm-up and cosine decay to zero, batch 128, and as many
+epochs as give about 4,000 optimizer steps (at least 10, at most 300). Inputs are standardized per
+feature and targets centred per class and scaled to unit spread while training; both are folded
+back into the weights afterwards, so the saved student takes raw inputs and gives raw logits.
+A held-out slice scores every epoch (loss and top-1 agreement with the teacher); the best epoch
+by held-out loss is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from compress.errors import ConfigError
+from compress.student import StudentConfig, build_student
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that FitConfig stays cheap to import
+    import torch
+    from torch import nn
+
+FitProgress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    epochs: int | None = None  # None: about 4,000 steps, clamped to 10..300 epochs
+    batch_size: int = 128  # samples per optimizer step
+    lr: float = 1e-3  # Adam's peak learning rate
+    weight_decay: float = 0.0  # decoupled (AdamW); the paper used none
+    loss: str = "l2"  # "l2" (the paper's) or "kl" (Hinton 2015)
+    temperature: float = 4.0  # only for loss="kl"
+    device: str = "auto"  # "auto" picks cuda when torch sees a GPU
+    seed: int = 0  # initialization and shuffling
+
+    def validate(self) -> None:
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"--epochs: must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size: must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr: must be positive, got {self.lr}")
+        if self.loss not in ("l2", "kl"):
+            raise ConfigError(f"--loss: must be l2 or kl, got {self.loss}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device: must be auto, cpu or cuda, got {self.device}")
+
+
+@dataclass
+class FitResult:
+    model: nn.Sequential  # on the CPU, eval mode, taking raw inputs and giving raw logits
+    epochs: int
+    best_epoch: int
+    seconds: float
+    samples_per_second: float
+    device: str
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device: cuda was asked for but torch sees no GPU")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def auto_epochs(n_train: int, batch_size: int, target_steps: int = 4000) -> int:
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    return max(10, min(300, math.ceil(target_steps / steps_per_epoch)))
+
+
+def _loss_fn(cfg: FitConfig, z_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if cfg.loss == "l2":
+        return lambda s, z: 0.5 * (s - z).pow(2).sum(dim=1).mean()
+    import torch
+
+    t = cfg.temperature
+
+    def kl(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        # standardized units back to logits (the per-class shift cancels in the softmax)
+        log_p = torch.log_softmax(z * z_scale / t, dim=1)
+        log_q = torch.log_softmax(s * z_scale / t, dim=1)
+        return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean() * t * t
+
+    return kl
+
+
+def _fold(model: nn.Sequential, mu: np.ndarray, sd: np.ndarray, z_mean: np.ndarray,
+          z_scale: float) -> None:
+    """Fold x' = (x - mu) / sd into the first layer and z = s * z_scale + z_mean into the last."""
+    import torch
+
+    with torch.no_grad():
+        first = model.bottleneck if hasattr(model, "bottleneck") else model.hidden
+        w = first.weight.double() / torch.from_numpy(sd).double()  # (out, D)
+        shift = w @ torch.from_numpy(mu).double()  # (out,): what the mean subtraction contributed
+        first.weight.copy_(w)
+        h = model.hidden
+        if first is h:
+            h.bias.copy_(h.bias.double() - shift)
+        else:
+            h.bias.copy_(h.bias.double() - h.weight.double() @ shift)
+        out = model.out
+        out.weight.mul_(z_scale)
+        out.bias.copy_(out.bias.double() * z_scale + torch.from_numpy(z_mean).double())
+
+
+def fit(x_train: np.ndarray, z_train: np.ndarray, x_val: np.ndarray, z_val: np.ndarray,
+        cfg: StudentConfig, fit_cfg: FitConfig = FitConfig(),
+        progress: FitProgress | None = None) -> FitResult:
+    """Train a student on (inputs, teacher logits); score on the held-out pair every epoch."""
+    import torch
+
+    fit_cfg.validate()
+    cfg.validate()
+    device = resolve_device(fit_cfg.device)
+    torch.manual_seed(fit_cfg.seed)
+    gen = torch.Generator(device="cpu").manual_seed(fit_cfg.seed)
+
+    n, d = x_train.shape[0], cfg.input_dim
+    xf = x_train.reshape(n, d)  # (N, D)
+    mu = xf.mean(axis=0, dtype=np.float64)
+    sd = xf.std(axis=0, dtype=np.float64)
+    sd[sd < 1e-8] = 1.0  # constant features: leave unscaled
+    z_mean = z_train.mean(axis=0, dtype=np.float64)  # (C,)
+    z_scale = float(np.sqrt(((z_train - z_mean) ** 2).mean())) or 1.0
+
+    def prep(x: np.ndarray, z: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = ((x.reshape(x.shape[0], d) - mu) / sd).astype(np.float32)
+        zs = ((z - z_mean) / z_scale).astype(np.float32)
+        return torch.from_numpy(xs).to(device), torch.from_numpy(zs).to(device)
+
+    xt, zt = prep(x_train, z_train)
+    xv, zv = prep(x_val, z_val)
+    teacher_top = zv.argmax(dim=1)
+
+    model = build_student(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=fit_cfg.lr, weight_decay=fit_cfg.weight_decay,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    bs = min(fit_cfg.batch_size, n)
+    steps_per_epoch = math.ceil(n / bs)
+    epochs = fit_cfg.epochs or auto_epochs(n, bs)
+    total = epochs * steps_per_epoch
+    warm = max(1, int(0.03 * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+    loss_fn = _loss_fn(fit_cfg, z_scale)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def evaluate() -> tuple[float, float]:
+        model.eval()
+        loss, agree = 0.0, 0
+        with torch.no_grad(), autocast:
+            for i in range(0, xv.shape[0], 8192):
+                s = model(xv[i : i + 8192]).float()
+                loss += float(loss_fn(s, zv[i : i + 8192])) * s.shape[0]
+                agree += int((s.argmax(dim=1) == teacher_top[i : i + 8192]).sum())
+        model.train()
+        scale = z_scale**2 if fit_cfg.loss == "l2" else 1.0  # report L2 in logit units
+        return loss / xv.shape[0] * scale, agree / xv.shape[0]
+
+    history: list[dict[str, float]] = []
+    best = (math.inf, 0, copy.deepcopy(model.state_dict()))
+    seen, t0, last_report = 0, time.perf_counter(), 0.0
+    model.train()
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(n, generator=gen).to(device)
+        running = torch.zeros((), device=device)
+        for step in range(steps_per_epoch):
+            idx = perm[step * bs : (step + 1) * bs]
+            with autocast:
+                loss = loss_fn(model(xt[idx]).float(), zt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += loss.detach()
+            seen += idx.shape[0]
+            now = time.perf_counter()
+            if progress and now - last_report > 0.25:
+                last_report = now
+                progress({"epoch": epoch, "epochs": epochs, "step": (epoch - 1) * steps_per_epoch
+                          + step + 1, "steps": total, "samples_per_second": seen / (now - t0)})
+        val_loss, agreement = evaluate()
+        train_loss = float(running) / steps_per_epoch * (z_scale**2 if fit_cfg.loss == "l2" else 1)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "agreement": agreement})
+        if val_loss < best[0]:
+            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
+        if progress:
+            now = time.perf_counter()
+            progress({"epoch": epoch, "epochs": epochs, "step": epoch * steps_per_epoch,
+                      "steps": total, "samples_per_second": seen / (now - t0), "loss": val_loss,
+                      "agreement": agreement})
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+
+    model.load_state_dict(best[2])
+    model = model.float().cpu().eval()
+    _fold(model, mu, sd, z_mean, z_scale)
+    return FitResult(model=model, epochs=epochs, best_epoch=best[1], seconds=seconds,
+                     samples_per_second=seen / seconds, device=str(device), history=history)

@@ -1,0 +1,207 @@
+"""`distill`: every stage in order, teacher to shipped student, as one library call.
+
+All input is checked before any work that takes time or writes files: a bad file or option fails
+in a second, and never leaves a `student.onnx` behind.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress import data as data_mod
+from compress.atomic import atomic_path
+from compress.errors import ConfigError, DataError, TeacherError
+from compress.fit import FitConfig
+from compress.student import StudentConfig, count_params
+from compress.teachers import Teacher, load_teacher
+
+StageProgress = Callable[[str, dict[str, Any]], None]  # (stage, details)
+
+HOLDOUT_FRACTION = 0.1  # of the transfer data, for validation and (without --eval-data) the report
+HOLDOUT_MAX = 10_000
+MIN_TRANSFER = 10
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    width: int = 8000  # H
+    rank: int | None = None  # k; None: min(250, D // 2)
+    out_dir: str = "compress-out"
+    fit: FitConfig = field(default_factory=FitConfig)
+    output: str | None = None  # the teacher output to use; None: its first float output
+    key: str | None = None  # the array to use in .npz files
+    teacher_batch_size: int = 1024
+    latency_batches: tuple[int, ...] = (1, 256)
+
+
+def default_rank(input_dim: int) -> int:
+    """250 as in the paper's TIMIT students, but never more than half the input: a bottleneck as
+    wide as the input saves no parameters and no time."""
+    return min(250, input_dim // 2)
+
+
+def student_config(sample_shape: tuple[int, ...], num_classes: int, width: int,
+                   rank: int | None) -> StudentConfig:
+    d = int(np.prod(sample_shape))
+    k = default_rank(d) if rank is None else rank
+    if k > d:
+        raise ConfigError(f"--rank: {k} is larger than the input size {d}; a bottleneck wider than "
+                          "its input saves nothing (use a rank below it, or 0 for none)")
+    cfg = StudentConfig(tuple(sample_shape), num_classes, width, k)
+    cfg.validate()
+    return cfg
+
+
+def holdout_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, held-out) indices: 10% held out, at most 10,000, at least 1."""
+    if n < MIN_TRANSFER:
+        raise DataError(f"--data: {n} samples is too few to distill from (need {MIN_TRANSFER})")
+    n_val = int(min(HOLDOUT_MAX, max(1, round(HOLDOUT_FRACTION * n))))
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def teacher_latency(teacher: Teacher, sample: np.ndarray, batches: tuple[int, ...]
+                    ) -> dict[str, dict[str, float]]:
+    """Latency of a single ONNX teacher's session (an ensemble's members run one after another:
+    their latencies add up, which is what is reported for it)."""
+    from compress.evaluate import latency
+
+    members = getattr(teacher, "members", [teacher])
+    total: dict[str, dict[str, float]] = {}
+    for m in members:
+        lat = latency(m.session, sample.astype(m.signature.input_dtype), batches, m.signature.batch)
+        for b, v in lat.items():
+            acc = total.setdefault(b, {"p50": 0.0, "p99": 0.0})
+            acc["p50"] += v["p50"]
+            acc["p99"] += v["p99"]
+    return total
+
+
+def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions = DistillOptions(),
+            eval_data: str | Path | None = None, eval_labels: str | Path | None = None,
+            progress: StageProgress | None = None) -> dict[str, Any]:
+    """Distill `teachers` (one, or an ensemble) on the transfer data; write the student, its ONNX
+    export and the report into `opts.out_dir`; return the report."""
+    from compress import evaluate as ev
+    from compress.exporters.onnx import export_onnx
+    from compress.fit import fit
+    from compress.student import save_student
+    from compress.targets import cache_key, compute_targets, load_cached
+
+    def say(stage: str, **info: Any) -> None:
+        if progress:
+            progress(stage, info)
+
+    # 1. check everything that can be checked cheaply
+    if eval_labels is not None and eval_data is None:
+        raise ConfigError("--eval-labels: needs --eval-data (the inputs those labels belong to)")
+    opts.fit.validate()
+    teacher = load_teacher(list(teachers), output=opts.output, device=opts.fit.device)
+    sig = teacher.signature
+    x = data_mod.load_inputs(data, sig.sample_shape, what="--data", key=opts.key)
+    sample_shape = tuple(int(v) for v in x.shape[1:])
+    x_eval = y_eval = None
+    if eval_data is not None:
+        x_eval = data_mod.load_inputs(eval_data, sample_shape, what="--eval-data", key=opts.key)
+        if eval_labels is not None:
+            y_eval = data_mod.load_labels(eval_labels, x_eval.shape[0])
+    train_idx, val_idx = holdout_split(x.shape[0], opts.fit.seed)
+    probe = teacher.logits(x[:1])  # runs the teacher once: the class count, and that it runs
+    cfg = student_config(sample_shape, probe.shape[1], opts.width, opts.rank)
+    if y_eval is not None and y_eval.max() >= cfg.num_classes:
+        raise DataError(f"--eval-labels {eval_labels}: has class {int(y_eval.max())} but the teacher "
+                        f"gives {cfg.num_classes} classes")
+    out = Path(opts.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 2. the teacher's logits over the transfer data, once
+    cache = out / "targets.npy"
+    key = cache_key(list(teachers), data, sig.output_name, x.shape[0])
+    z = load_cached(cache, key)
+    cached = z is not None
+    if z is None:
+        z = compute_targets(teacher, x, cache, key, opts.teacher_batch_size,
+                            lambda done, n: say("targets", done=done, total=n))
+    z = np.asarray(z)
+    if not np.isfinite(z).all():
+        raise TeacherError(f"TEACHER {teacher.name}: gave NaN or inf logits on the transfer data")
+
+    # 3. fit on the training part, score on the held-out part
+    result = fit(x[train_idx], z[train_idx], x[val_idx], z[val_idx], cfg, opts.fit,
+                 lambda info: say("fit", **info))
+
+    # 4. keep the student: weights, then the validated ONNX file
+    say("export")
+    meta = {"signature": sig.__dict__, "teachers": [str(t) for t in teachers]}
+    save_student(result.model, cfg, str(out / "student.pt"), meta)
+    check_x = x_eval if x_eval is not None else x[val_idx]
+    exp = export_onnx(result.model, cfg, sig, out / "student.onnx", check_x)
+
+    # 5. compare, with the exported file itself standing for the student
+    say("compare")
+    if x_eval is not None:
+        xc, zt = x_eval, teacher.logits(x_eval, opts.teacher_batch_size)
+        source = f"--eval-data {Path(eval_data).name}"  # type: ignore[arg-type]
+    else:
+        xc, zt = x[val_idx], z[val_idx]
+        source = "the held-out slice of the transfer data"
+    zs = ev.run_onnx(exp.path, xc.astype(sig.input_dtype))
+    lat_sample = xc[:256]
+    member_names = [m.name for m in getattr(teacher, "members", [])]
+    report: dict[str, Any] = {
+        "teacher": {
+            "name": teacher.name,
+            "params": teacher.params,
+            "size_bytes": teacher.size_bytes,
+            "accuracy": ev.accuracy(zt, y_eval),
+            "latency_ms": teacher_latency(teacher, lat_sample, opts.latency_batches),
+            "output": sig.output_name,
+            **({"members": member_names} if member_names else {}),
+        },
+        "student": {
+            "params": count_params(cfg),
+            "size_bytes": exp.size_bytes,
+            "accuracy": ev.accuracy(zs, y_eval),
+            "width": cfg.width,
+            "rank": cfg.rank,
+            "input_dim": cfg.input_dim,
+            "classes": cfg.num_classes,
+            "latency_ms": ev.latency(ev.onnx_session(exp.path), lat_sample.astype(sig.input_dtype),
+                                     opts.latency_batches),
+        },
+        "fidelity": {"agreement": ev.agreement(zs, zt), "logit_rmse": ev.logit_rmse(zs, zt)},
+        "export": {"path": str(Path(exp.path).resolve()), "max_abs_diff": exp.max_abs_diff,
+                   "max_abs_diff_fp64": exp.max_abs_diff_fp64, "opset": 17},
+        "train": {
+            "epochs": result.epochs,
+            "best_epoch": result.best_epoch,
+            "seconds": result.seconds,
+            "samples_per_second": result.samples_per_second,
+            "device": result.device,
+            "samples": int(train_idx.size),
+            "batch_size": opts.fit.batch_size,
+            "lr": opts.fit.lr,
+            "loss": opts.fit.loss,
+            "seed": opts.fit.seed,
+            "history": result.history,
+        },
+        "transfer": {"samples": int(x.shape[0]), "holdout": int(val_idx.size),
+                     "targets_cached": cached, "targets_path": str(cache.resolve())},
+        "eval": {"source": source, "samples": int(xc.shape[0]), "labels": y_eval is not None},
+        "latency_provider": "CPUExecutionProvider",
+    }
+    _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    _write_text(out / "report.md", ev.render_markdown(report))
+    return report

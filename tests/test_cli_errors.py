@@ -1,0 +1,100 @@
+"""Bad input: exit status 2, one line naming the file or option, no traceback, no student.onnx."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from compress.cli import cli
+
+
+def run_distill(tmp_path, teacher, data, *extra):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["distill", str(teacher), "--data", str(data), "--out", str(out),
+                                      "--epochs", "1", *extra])
+    return result, out
+
+
+def assert_one_line_error(result, out, *needles):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert not (out / "student.onnx").exists()
+
+
+def test_missing_teacher(tmp_path, digits_files):
+    result, out = run_distill(tmp_path, tmp_path / "nope.onnx", digits_files["x"])
+    assert_one_line_error(result, out, "nope.onnx", "file not found")
+
+
+def test_corrupt_onnx(tmp_path, digits_files):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 50)
+    result, out = run_distill(tmp_path, bad, digits_files["x"])
+    assert_one_line_error(result, out, "bad.onnx", "not a valid ONNX model")
+
+
+def test_truncated_onnx(tmp_path, digits_files):
+    bad = tmp_path / "cut.onnx"
+    bad.write_bytes(digits_files["teacher"].read_bytes()[:3000])
+    result, out = run_distill(tmp_path, bad, digits_files["x"])
+    assert_one_line_error(result, out, "cut.onnx")
+
+
+@pytest.mark.parametrize("make,needles", [
+    (lambda p: None, ["--data", "file not found"]),
+    (lambda p: p.write_bytes(b""), ["--data", "empty"]),
+    (lambda p: np.save(p, np.zeros((30, 63), np.float32)), ["--data", "(63,)", "(64,)"]),
+    (lambda p: np.save(p, np.full((30, 64), np.nan, np.float32)), ["--data", "NaN"]),
+    (lambda p: np.save(p, np.array([object()] * 3, dtype=object), allow_pickle=True),
+     ["--data", "not a valid .npy"]),
+    (lambda p: np.save(p, np.zeros((5, 64), np.float32)), ["--data", "too few"]),
+])
+def test_bad_data(tmp_path, digits_files, make, needles):
+    data = tmp_path / "x.npy"
+    make(data)
+    result, out = run_distill(tmp_path, digits_files["teacher"], data)
+    assert_one_line_error(result, out, str(data), *needles) if "too few" not in needles else \
+        assert_one_line_error(result, out, *needles)
+
+
+def test_label_count_mismatch(tmp_path, digits_files):
+    f = digits_files
+    np.save(tmp_path / "y.npy", np.zeros(10, np.int64))
+    result, out = run_distill(tmp_path, f["teacher"], f["x"], "--eval-data", str(f["x_test"]),
+                              "--eval-labels", str(tmp_path / "y.npy"))
+    assert_one_line_error(result, out, "--eval-labels", "10 labels", "597 samples")
+
+
+def test_labels_without_eval_data(tmp_path, digits_files):
+    f = digits_files
+    result, out = run_distill(tmp_path, f["teacher"], f["x"], "--eval-labels", str(f["y_test"]))
+    assert_one_line_error(result, out, "--eval-labels", "--eval-data")
+
+
+@pytest.mark.parametrize("opt,value,needle", [
+    ("--width", "abc", "--width"), ("--width", "0", "--width"), ("--width", "1.5", "--width"),
+    ("--rank", "-1", "--rank"), ("--rank", "x", "--rank"), ("--rank", "65", "--rank"),
+    ("--epochs", "0", "--epochs"), ("--lr", "0", "--lr"), ("--batch-size", "0", "--batch-size"),
+])
+def test_bad_options(tmp_path, digits_files, opt, value, needle):
+    result, out = run_distill(tmp_path, digits_files["teacher"], digits_files["x"], opt, value)
+    assert_one_line_error(result, out, needle)
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys, compress.cli.main; assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "compress", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "distill" in done.stdout
+    assert time.perf_counter() - t < 2.0

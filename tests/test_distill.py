@@ -1,0 +1,109 @@
+"""The issue's acceptance: a 64-feature ONNX CNN teacher distilled end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from compress.cli import cli
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, digits_files):
+    out = tmp_path_factory.mktemp("run")
+    f = digits_files
+    args = ["distill", str(f["teacher"]), "--data", str(f["x"]), "--eval-data", str(f["x_test"]),
+            "--eval-labels", str(f["y_test"]), "--width", "2k", "--rank", "32", "--out", str(out),
+            "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_report_has_the_contract_keys(distilled):
+    out, _ = distilled
+    r = json.loads((out / "report.json").read_text())
+    for section, keys in {
+        "teacher": ["params", "size_bytes", "accuracy", "latency_ms"],
+        "student": ["params", "size_bytes", "accuracy", "width", "rank", "latency_ms"],
+        "fidelity": ["agreement", "logit_rmse"],
+        "export": ["path", "max_abs_diff"],
+        "train": ["epochs", "seconds", "samples_per_second", "device"],
+    }.items():
+        for k in keys:
+            assert k in r[section], f"{section}.{k}"
+    for who in ("teacher", "student"):
+        for b in ("1", "256"):
+            lat = r[who]["latency_ms"][b]
+            assert 0 < lat["p50"] <= lat["p99"]
+    assert {p.name for p in out.iterdir()} >= {"student.onnx", "student.pt", "report.json", "report.md",
+                                               "targets.npy"}
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_student_matches_teacher(distilled, digits_files, digits):
+    out, _ = distilled
+    r = json.loads((out / "report.json").read_text())
+    assert r["student"]["params"] == 64 * 32 + 32 * 2000 + 2000 + 2000 * 10 + 10
+    assert r["student"]["width"] == 2000 and r["student"]["rank"] == 32
+    assert r["teacher"]["accuracy"] > 0.9
+    assert r["student"]["accuracy"] >= r["teacher"]["accuracy"] - 0.03
+    assert r["fidelity"]["agreement"] > 0.9
+    assert r["export"]["max_abs_diff"] <= 1e-4
+    # the teacher's parameter count comes from its initializers
+    from tests.conftest import DigitsCNN
+
+    assert r["teacher"]["params"] == sum(p.numel() for p in DigitsCNN().parameters())
+
+
+def test_exported_file_reproduces_reported_accuracy(distilled, digits):
+    out, _ = distilled
+    r = json.loads((out / "report.json").read_text())
+    sess = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["x"]
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+    (logits,) = sess.run(None, {"x": digits["x_test"]})
+    assert float((logits.argmax(1) == digits["y_test"]).mean()) == pytest.approx(r["student"]["accuracy"])
+
+
+def test_json_flag_prints_only_the_report(distilled):
+    out, result = distilled
+    assert json.loads(result.stdout) == json.loads((out / "report.json").read_text())
+
+
+def test_student_pt_reloads_and_reexports(distilled, digits, digits_files, tmp_path):
+    out, _ = distilled
+    result = CliRunner().invoke(cli, ["export", str(out / "student.pt"), "--out", str(tmp_path / "s.onnx"),
+                                      "--data", str(digits_files["x_test"])])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["max_abs_diff"] <= 1e-4
+    a = ort.InferenceSession(str(out / "student.onnx")).run(None, {"x": digits["x_test"]})[0]
+    b = ort.InferenceSession(str(tmp_path / "s.onnx")).run(None, {"x": digits["x_test"]})[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_second_run_reuses_the_logit_cache(distilled, digits_files):
+    out, _ = distilled
+    f = digits_files
+    before = (out / "targets.npy").stat().st_mtime_ns
+    result = CliRunner().invoke(cli, ["distill", str(f["teacher"]), "--data", str(f["x"]), "--width",
+                                      "64", "--rank", "0", "--epochs", "2", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert r["transfer"]["targets_cached"] is True
+    assert (out / "targets.npy").stat().st_mtime_ns == before
+    assert r["teacher"]["accuracy"] is None and r["eval"]["labels"] is False  # held-out slice, no labels
+
+
+def test_targets_command_matches_the_teacher(digits_files, digits, tmp_path):
+    f = digits_files
+    result = CliRunner().invoke(cli, ["targets", str(f["teacher"]), "--data", str(f["x"]),
+                                      "--out", str(tmp_path / "z.npy"), "--batch-size", "100"])
+    assert result.exit_code == 0, result.output
+    z = np.load(tmp_path / "z.npy")
+    (ref,) = ort.InferenceSession(str(f["teacher"])).run(None, {"x": digits["x"]})
+    np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-5)
