@@ -108,7 +108,9 @@ def fit_shape(
     Flat rows (`(N, D)`, as from a CSV) are reshaped when D equals the product of a fixed shape.
     """
     got = tuple(arr.shape[1:])
-    if len(got) == len(sample_shape) and all(e is None or e == g for e, g in zip(sample_shape, got)):
+    if len(got) == len(sample_shape) and all(
+        e is None or e == g for e, g in zip(sample_shape, got, strict=True)
+    ):
         return arr
     fixed = all(e is not None for e in sample_shape)
     if fixed and arr.ndim == 2 and math.prod(sample_shape) == got[0]:  # type: ignore[arg-type]
@@ -143,9 +145,9 @@ def load_labels(path: str | Path, n_samples: int, *, what: str = "--eval-labels"
         raise DataError(
             f"{what} {path}: has {arr.shape[0]} labels but {data_what} has {n_samples} samples"
         )
-    if arr.dtype.kind == "f":
-        if not np.isfinite(arr).all() or not np.equal(np.round(arr), arr).all():
-            raise DataError(f"{what} {path}: labels must be whole class numbers")
+    whole = arr.dtype.kind != "f" or (np.isfinite(arr).all() and np.equal(np.round(arr), arr).all())
+    if not whole:
+        raise DataError(f"{what} {path}: labels must be whole class numbers")
     if (arr < 0).any():
         raise DataError(f"{what} {path}: labels must be class numbers >= 0")
     return arr.astype(np.int64)

@@ -69,9 +69,8 @@ def compute_targets(teacher: Teacher, x: np.ndarray, path: str | Path, key: dict
         out.flush()
         del out
     if key is not None:
-        with atomic_path(_sidecar(path)) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(key, f, indent=1)
+        with atomic_path(_sidecar(path)) as tmp, open(tmp, "w") as f:
+            json.dump(key, f, indent=1)
     elif _sidecar(path).exists():
         os.remove(_sidecar(path))
     return np.load(path, mmap_mode="r", allow_pickle=False)

@@ -62,14 +62,14 @@ def ort_providers(device: str = "auto") -> list[str]:
 
 
 def onnx_param_count(path: Path) -> int:
-    """Number of values in the model's initializers (its weights), read without loading them."""
+    """Number of values in the model's floating-point initializers (its weights; integer ones are
+    shapes and indices), read without loading external data."""
     import onnx
+    from onnx import TensorProto
 
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
     model = onnx.load(str(path), load_external_data=False)
-    total = 0
-    for init in model.graph.initializer:
-        total += math.prod(init.dims)
-    return total
+    return sum(math.prod(i.dims) for i in model.graph.initializer if i.data_type in floats)
 
 
 def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int,

@@ -92,7 +92,8 @@ def test_bad_options(tmp_path, digits_files, opt, value, needle):
 
 
 def test_help_is_fast_and_does_not_import_torch():
-    code = "import sys, compress.cli.main; assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules"
+    code = ("import sys, compress.cli.main; "
+            "assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
     t = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "compress", "--help"], capture_output=True, text=True)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from compress.errors import ConfigError
 from compress.pipeline import default_rank, student_config
 from compress.student import StudentConfig, build_student, count_params, parse_width
-from compress.errors import ConfigError
 
 
 @pytest.mark.parametrize("text,value", [("8000", 8000), ("8k", 8000), ("400k", 400_000),

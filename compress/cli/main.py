@@ -144,7 +144,8 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
     Writes student.onnx, student.pt, report.json and report.md into --out.
     """
     from compress.fit import FitConfig
-    from compress.pipeline import DistillOptions, distill as run
+    from compress.pipeline import DistillOptions
+    from compress.pipeline import distill as run
 
     opts = DistillOptions(
         width=width, rank=rank, out_dir=str(out_dir), output=output, key=key,
@@ -217,14 +218,15 @@ def export(student: Path, out_path: Path, data: Path | None, precision: str) -> 
 @cli.command()
 @click.option("--out", "out_dir", default="compress-demo", show_default=True,
               type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--transfer", type=int, default=40_000, show_default=True,
+@click.option("--transfer", type=int, default=200_000, show_default=True,
               help="Fresh unlabeled MNIST-1D samples to generate as transfer data.")
 @click.option("--width", type=WidthType(), default="4k", show_default=True, help="Student width.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def demo(out_dir: Path, transfer: int, width: int, as_json: bool) -> None:
     """Distill the built-in MNIST-1D CNN teacher on freshly generated transfer data."""
     from compress.demo import prepare
-    from compress.pipeline import DistillOptions, distill as run
+    from compress.pipeline import DistillOptions
+    from compress.pipeline import distill as run
 
     console.print(f"Generating {transfer:,} MNIST-1D transfer samples and the 1,000-sample test set...")
     files = prepare(out_dir, transfer)

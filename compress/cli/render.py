@@ -10,14 +10,14 @@ from rich.table import Table
 
 console = Console(stderr=True)
 
-_LABELS = {"targets": "Labelling transfer data", "fit": "Fitting student"}
+_LABELS = {"targets": "teacher", "fit": "fit", "export": "export", "compare": "compare"}
 
 
 class ProgressView:
     """Receives the library's (stage, details) callbacks and shows one bar per stage."""
 
     def __init__(self) -> None:
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+        self.progress = Progress(TextColumn("{task.description:<7}"), BarColumn(bar_width=24),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                                  console=console, transient=False)
         self.tasks: dict[str, TaskID] = {}
@@ -42,9 +42,9 @@ class ProgressView:
         elif stage == "fit":
             t = self._task(stage, info["steps"])
             parts = [f"epoch {info['epoch']}/{info['epochs']}",
-                     f"{info['samples_per_second']:,.0f} samples/s"]
+                     f"{info['samples_per_second'] / 1000:,.0f}k samples/s"]
             if "loss" in info:
-                parts += [f"val loss {info['loss']:.4f}", f"agreement {100 * info['agreement']:.2f}%"]
+                parts += [f"loss {info['loss']:.4g}", f"agree {100 * info['agreement']:.1f}%"]
                 self.last_fit = ", ".join(parts)
             self.progress.update(t, completed=info["step"],
                                  info=", ".join(parts) if "loss" in info else

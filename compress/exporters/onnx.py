@@ -45,7 +45,6 @@ class ExportResult:
 
 def student_to_onnx(model: torch.nn.Module, cfg: StudentConfig, sig: Signature) -> onnx.ModelProto:
     """Build the ONNX graph from the student's weights, with the teacher's interface."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     state = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
