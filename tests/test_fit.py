@@ -1,0 +1,65 @@
+import numpy as np
+import torch
+
+from compress.fit import FitConfig, _fold, auto_epochs, fit
+from compress.student import StudentConfig, build_student
+
+
+def test_fold_is_exact():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    for rank in (3, 0):
+        model = build_student(StudentConfig((5,), 4, 16, rank)).double()
+        x = rng.standard_normal((7, 5)) * 10 + 3
+        mu, sd = rng.standard_normal(5), rng.uniform(0.5, 2, 5)
+        z_mean, z_scale = rng.standard_normal(4), 2.5
+        with torch.no_grad():
+            want = model(torch.from_numpy((x - mu) / sd)).numpy() * z_scale + z_mean
+            _fold(model, mu, sd, z_mean, z_scale)
+            got = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def realizable(n=3000, seed=0):
+    """Inputs with very different feature scales, labelled by a random net of the student's kind."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, 12)) * rng.uniform(0.01, 100, 12) + 5).astype(np.float32)
+    teacher = build_student(StudentConfig((12,), 5, 32, 6))
+    with torch.no_grad():
+        z = teacher(torch.from_numpy((x - 5) / np.abs(x).std(0))).numpy() * 10
+    return x, z
+
+
+def test_fit_recovers_a_realizable_teacher():
+    x, z = realizable()
+    res = fit(x[:2700], z[:2700], x[2700:], z[2700:], StudentConfig((12,), 5, 256, 6),
+              FitConfig())  # the defaults: about 4,000 steps
+    with torch.no_grad():
+        s = res.model(torch.from_numpy(x[2700:])).numpy()  # raw inputs in, raw logits out
+    assert (s.argmax(1) == z[2700:].argmax(1)).mean() > 0.95
+    assert res.history[-1]["val_loss"] < 0.1 * res.history[0]["val_loss"]
+    assert res.history[res.best_epoch - 1]["val_loss"] == min(h["val_loss"] for h in res.history)
+    assert res.samples_per_second > 0 and res.device == "cpu"
+
+
+def test_fit_is_seeded():
+    x, z = realizable(400)
+    cfg, fc = StudentConfig((12,), 5, 32, 4), FitConfig(epochs=2, seed=3)
+    a = fit(x[:300], z[:300], x[300:], z[300:], cfg, fc).model.state_dict()
+    b = fit(x[:300], z[:300], x[300:], z[300:], cfg, fc).model.state_dict()
+    c = fit(x[:300], z[:300], x[300:], z[300:], cfg, FitConfig(epochs=2, seed=4)).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_kl_loss_trains():
+    x, z = realizable(1000)
+    res = fit(x[:900], z[:900], x[900:], z[900:], StudentConfig((12,), 5, 64, 6),
+              FitConfig(loss="kl", temperature=1.0))
+    assert res.history[-1]["agreement"] > 0.9
+
+
+def test_auto_epochs():
+    assert auto_epochs(1080, 128) == 300 and auto_epochs(190_000, 128) == 10
+    assert auto_epochs(40_000, 128) == 13
