@@ -108,6 +108,9 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     if eval_labels is not None and eval_data is None:
         raise ConfigError("--eval-labels: needs --eval-data (the inputs those labels belong to)")
     opts.fit.validate()
+    out = Path(opts.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
     teacher = load_teacher(list(teachers), output=opts.output, device=opts.fit.device)
     sig = teacher.signature
     x = data_mod.load_inputs(data, sig.sample_shape, what="--data", key=opts.key)
@@ -123,8 +126,10 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     if y_eval is not None and y_eval.max() >= cfg.num_classes:
         raise DataError(f"--eval-labels {eval_labels}: has class {int(y_eval.max())} but the teacher "
                         f"gives {cfg.num_classes} classes")
-    out = Path(opts.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
 
     # 2. the teacher's logits over the transfer data, once
     cache = out / "targets.npy"

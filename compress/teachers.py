@@ -107,7 +107,12 @@ class OnnxTeacher:
             raise TeacherError(f"TEACHER {self.path}: file not found")
         if self.path.is_dir():
             raise TeacherError(f"TEACHER {self.path}: is a folder, not a model file")
-        self.size_bytes = self.path.stat().st_size
+        try:
+            self.size_bytes = self.path.stat().st_size
+            with open(self.path, "rb"):
+                pass
+        except OSError as e:
+            raise TeacherError(f"TEACHER {self.path}: cannot be read ({e.strerror or e})") from None
         try:
             self.params: int | None = onnx_param_count(self.path)
         except Exception as e:  # onnx raises DecodeError, ValueError, ... for a corrupt file

@@ -67,6 +67,13 @@ def test_bad_data(tmp_path, digits_files, make, needles):
         assert_one_line_error(result, out, *needles)
 
 
+def test_out_is_a_file(tmp_path, digits_files):
+    (tmp_path / "taken").write_text("x")
+    result = CliRunner().invoke(cli, ["distill", str(digits_files["teacher"]), "--data",
+                                      str(digits_files["x"]), "--out", str(tmp_path / "taken")])
+    assert_one_line_error(result, tmp_path, "--out", "not a folder")
+
+
 def test_label_count_mismatch(tmp_path, digits_files):
     f = digits_files
     np.save(tmp_path / "y.npy", np.zeros(10, np.int64))
