@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,33 +45,48 @@ def run_onnx(path: str | Path, x: np.ndarray, batch_size: int = 4096) -> np.ndar
     return run_batched(lambda b: sess.run(None, {inp.name: b})[0], x, batch_size)
 
 
-def latency(sess: Any, sample: np.ndarray, batch_sizes: tuple[int, ...] = LATENCY_BATCHES,
-            fixed_batch: int | None = None, budget_s: float = 1.0, min_runs: int = 20,
-            max_runs: int = 2000) -> dict[str, dict[str, float]]:
-    """p50/p99 milliseconds per `session.run` at each batch size, after warm-up.
+def model_latency(model: Any, sample: np.ndarray, batches: tuple[int, ...] = LATENCY_BATCHES,
+                  budget_s: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Latency of an `OnnxTeacher` (a teacher, or a student file loaded as one). An ensemble's
+    members run one after another, so their percentiles are added up."""
+    from compress.bench import latency
 
-    Each batch size runs for `budget_s` seconds (at least `min_runs`, at most `max_runs` timed runs).
-    A model with a fixed batch size is timed at that size only.
+    total: dict[str, dict[str, Any]] = {}
+    for m in getattr(model, "members", [model]):
+        lat = latency(m.session, sample, batches, m.signature.batch, budget_s)
+        for b, v in lat.items():
+            acc = total.setdefault(b, {"p50": 0.0, "p90": 0.0, "p99": 0.0})
+            for q in ("p50", "p90", "p99"):
+                acc[q] += v[q]
+            acc["method"] = v["method"]
+    return total
+
+
+def compare(teacher: Any, student: Any, x: np.ndarray, labels: np.ndarray | None = None,
+            teacher_logits: np.ndarray | None = None, batches: tuple[int, ...] = LATENCY_BATCHES,
+            budget_s: float = 1.0) -> dict[str, Any]:
+    """Teacher vs student on the same inputs: accuracy, agreement, logit RMSE, size, latency.
+
+    Both are `Teacher`s (a student ONNX file loads as an `OnnxTeacher`). `teacher_logits`, when
+    already known (the logit cache), saves running the teacher again.
     """
-    inp = sess.get_inputs()[0]
-    out: dict[str, dict[str, float]] = {}
-    sizes = (fixed_batch,) if fixed_batch else batch_sizes
-    for b in sizes:
-        reps = int(np.ceil(b / sample.shape[0]))
-        x = np.ascontiguousarray(np.concatenate([sample] * reps)[:b])
-        feed = {inp.name: x}
-        for _ in range(3):  # warm-up: allocations, thread pools, caches
-            sess.run(None, feed)
-        times: list[float] = []
-        start = time.perf_counter()
-        while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
-            t = time.perf_counter()
-            sess.run(None, feed)
-            times.append((time.perf_counter() - t) * 1e3)
-        arr = np.array(times)
-        out[str(b)] = {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)),
-                       "runs": len(times), "samples_per_second": float(b / (arr.mean() / 1e3))}
-    return out
+    zt = teacher.logits(x) if teacher_logits is None else np.asarray(teacher_logits)
+    zs = student.logits(x)
+    if zs.shape != zt.shape:
+        from compress.errors import CompressError
+
+        raise CompressError(f"STUDENT {student.name}: gives {zs.shape[1]} classes but the teacher "
+                            f"gives {zt.shape[1]}")
+    sample = x[:256]
+
+    def side(model: Any, z: np.ndarray) -> dict[str, Any]:
+        return {"name": model.name, "params": model.params, "size_bytes": model.size_bytes,
+                "accuracy": accuracy(z, labels), "latency_ms": model_latency(model, sample, batches,
+                                                                             budget_s)}
+
+    return {"teacher": side(teacher, zt), "student": side(student, zs),
+            "fidelity": {"agreement": agreement(zs, zt), "logit_rmse": logit_rmse(zs, zt)},
+            "eval": {"samples": int(x.shape[0]), "labels": labels is not None}}
 
 
 def _fmt(v: Any, kind: str = "") -> str:
@@ -89,43 +103,54 @@ def _fmt(v: Any, kind: str = "") -> str:
     return str(v)
 
 
-def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(metric, teacher, student) rows shared by the rich table and report.md."""
+def comparison_columns(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows (metric, teacher, student, each extra export) for the table and report.md."""
     t, s = report["teacher"], report["student"]
+    fid = report["fidelity"]
+    cols = [("teacher", t, None, None), ("student", s, fid["agreement"], fid["logit_rmse"])]
+    cols += [(f"student {e['precision']}", e, e.get("agreement"), None) for e in report.get("exports", [])]
+    cols[1] = ("student fp32" if len(cols) > 2 else "student", *cols[1][1:])
+    batches = sorted({b for _, c, _, _ in cols for b in c.get("latency_ms", {})}, key=int)
     rows = [
-        ("parameters", _fmt(t["params"], "int"), _fmt(s["params"], "int")),
-        ("file size", _fmt(t["size_bytes"], "bytes"), _fmt(s["size_bytes"], "bytes")),
-        ("accuracy", _fmt(t["accuracy"], "pct"), _fmt(s["accuracy"], "pct")),
-        ("agreement with teacher", "-", _fmt(report["fidelity"]["agreement"], "pct")),
-        ("logit RMSE vs teacher", "-", f"{report['fidelity']['logit_rmse']:.4f}"),
+        ["parameters", *[_fmt(c.get("params", s["params"]), "int") for _, c, _, _ in cols]],
+        ["file size", *[_fmt(c["size_bytes"], "bytes") for _, c, _, _ in cols]],
+        ["accuracy", *[_fmt(c.get("accuracy"), "pct") for _, c, _, _ in cols]],
+        ["agreement with teacher", *[_fmt(a, "pct") for _, _, a, _ in cols]],
+        ["logit RMSE vs teacher", *["-" if r is None else f"{r:.4f}" for _, _, _, r in cols]],
     ]
-    for b in sorted(set(t["latency_ms"]) | set(s["latency_ms"]), key=int):
+    for b in batches:
         for q in ("p50", "p99"):
-            rows.append((f"latency batch {b} {q}", _fmt(t["latency_ms"].get(b, {}).get(q), "ms"),
-                         _fmt(s["latency_ms"].get(b, {}).get(q), "ms")))
-    return rows
+            rows.append([f"latency batch {b} {q}",
+                         *[_fmt(c.get("latency_ms", {}).get(b, {}).get(q), "ms") for _, c, _, _ in cols]])
+    return ["metric", *[name for name, _, _, _ in cols]], rows
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any], plot: str | None = None) -> str:
     s, tr, ev = report["student"], report["train"], report["eval"]
+    headers, rows = comparison_columns(report)
     lines = [
         "# compress: teacher vs student",
         "",
         f"Teacher `{report['teacher']['name']}`; student: width {s['width']:,}, rank {s['rank']} "
         f"(SNN-MIMIC, Ba & Caruana 2014). Evaluated on {ev['source']} ({ev['samples']:,} samples).",
         "",
-        "| metric | teacher | student |",
-        "|---|---:|---:|",
-        *[f"| {m} | {a} | {b} |" for m, a, b in comparison_rows(report)],
+        "| " + " | ".join(headers) + " |",
+        "|---|" + "---:|" * (len(headers) - 1),
+        *["| " + " | ".join(r) + " |" for r in rows],
         "",
         f"Training: {tr['epochs']} epochs (best {tr['best_epoch']}) on {tr['samples']:,} transfer "
         f"samples in {tr['seconds']:.1f} s on {tr['device']} ({tr['samples_per_second']:,.0f} "
         "samples/s).",
         f"Export: `{Path(report['export']['path']).name}`, max |onnxruntime - torch| = "
         f"{report['export']['max_abs_diff']:.2e}.",
-        "",
-        f"Latency: onnxruntime {report['latency_provider']}, median (p50) and 99th percentile of "
-        "single `session.run` calls after warm-up.",
-        "",
     ]
+    for e in report.get("exports", []):
+        lines.append(f"Export {e['precision']}: `{Path(e['path']).name}`, top-1 agreement with the fp32 "
+                     f"student {100 * e['agreement_with_fp32']:.2f}% on held-out transfer inputs.")
+    lines += ["", f"Latency: onnxruntime {report['latency_provider']}, median (p50) and 99th percentile "
+              "of single calls after warm-up.", ""]
+    if plot:
+        lines += [f"![accuracy and latency against parameters]({plot})", ""]
+    elif report.get("plot_missing"):
+        lines += [f"(No plot: {report['plot_missing']})", ""]
     return "\n".join(lines)

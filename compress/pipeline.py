@@ -19,7 +19,7 @@ from compress.atomic import atomic_path
 from compress.errors import ConfigError, DataError, TeacherError
 from compress.fit import FitConfig
 from compress.student import StudentConfig, count_params
-from compress.teachers import Teacher, load_teacher
+from compress.teachers import OnnxTeacher, load_teacher
 
 StageProgress = Callable[[str, dict[str, Any]], None]  # (stage, details)
 
@@ -38,6 +38,10 @@ class DistillOptions:
     key: str | None = None  # the array to use in .npz files
     teacher_batch_size: int = 1024
     latency_batches: tuple[int, ...] = (1, 256)
+    precisions: tuple[str, ...] = ()  # extra exports besides fp32: "fp16", "int8"
+    min_agreement: float = 0.99  # of each extra export with the fp32 student, on held-out inputs
+    quantize: str = "weights"  # int8 method: "weights", "dynamic" or "static" (see exporters/quantize)
+    latency_budget_s: float = 1.0  # timing per model and batch size
 
 
 def default_rank(input_dim: int) -> int:
@@ -72,21 +76,16 @@ def _write_text(path: Path, text: str) -> None:
         Path(tmp).write_text(text)
 
 
-def teacher_latency(teacher: Teacher, sample: np.ndarray, batches: tuple[int, ...]
-                    ) -> dict[str, dict[str, float]]:
-    """Latency of a single ONNX teacher's session (an ensemble's members run one after another:
-    their latencies add up, which is what is reported for it)."""
-    from compress.evaluate import latency
+def write_plot(report: dict[str, Any], path: Path) -> str | None:
+    """The figure beside the report; without matplotlib, a note in the report instead."""
+    from compress.plot import MISSING, plot_report
 
-    members = getattr(teacher, "members", [teacher])
-    total: dict[str, dict[str, float]] = {}
-    for m in members:
-        lat = latency(m.session, sample.astype(m.signature.input_dtype), batches, m.signature.batch)
-        for b, v in lat.items():
-            acc = total.setdefault(b, {"p50": 0.0, "p99": 0.0})
-            acc["p50"] += v["p50"]
-            acc["p99"] += v["p99"]
-    return total
+    try:
+        plot_report(report, path)
+    except ImportError:
+        report["plot_missing"] = MISSING
+        return None
+    return path.name
 
 
 def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions = DistillOptions(),
@@ -95,7 +94,8 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     """Distill `teachers` (one, or an ensemble) on the transfer data; write the student, its ONNX
     export and the report into `opts.out_dir`; return the report."""
     from compress import evaluate as ev
-    from compress.exporters.onnx import export_onnx
+    from compress.exporters.onnx import export_onnx, student_to_onnx
+    from compress.exporters.quantize import export_precision
     from compress.fit import fit
     from compress.student import save_student
     from compress.targets import cache_key, compute_targets, load_cached
@@ -105,6 +105,13 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
             progress(stage, info)
 
     # 1. check everything that can be checked cheaply
+    from compress.exporters.quantize import PRECISIONS
+
+    for p in opts.precisions:
+        if p not in PRECISIONS:
+            raise ConfigError(f"--precision: {p} is not one of {', '.join(PRECISIONS)}")
+    if not 0.0 <= opts.min_agreement <= 1.0:
+        raise ConfigError(f"--min-agreement: must be between 0 and 1, got {opts.min_agreement}")
     if eval_labels is not None and eval_data is None:
         raise ConfigError("--eval-labels: needs --eval-data (the inputs those labels belong to)")
     opts.fit.validate()
@@ -147,48 +154,43 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     result = fit(x[train_idx], z[train_idx], x[val_idx], z[val_idx], cfg, opts.fit,
                  lambda info: say("fit", **info))
 
-    # 4. keep the student: weights, then the validated ONNX file
+    # 4. keep the student: weights, then the validated ONNX files
     say("export")
     meta = {"signature": sig.__dict__, "teachers": [str(t) for t in teachers]}
-    save_student(result.model, cfg, str(out / "student.pt"), meta)
+    save_student(result.model, cfg, str(out / "student.pt"), meta, check_inputs=x[val_idx[:256]])
     check_x = x_eval if x_eval is not None else x[val_idx]
     exp = export_onnx(result.model, cfg, sig, out / "student.onnx", check_x)
+    extra = [export_precision(student_to_onnx(result.model, cfg, sig), out / f"student.{p}.onnx", p,
+                              x[val_idx], opts.min_agreement, opts.quantize, x[train_idx[:512]])
+             for p in opts.precisions if p != "fp32"]
 
     # 5. compare, with the exported file itself standing for the student
     say("compare")
     if x_eval is not None:
-        xc, zt = x_eval, teacher.logits(x_eval, opts.teacher_batch_size)
+        xc, zt = x_eval, None
         source = f"--eval-data {Path(eval_data).name}"  # type: ignore[arg-type]
     else:
         xc, zt = x[val_idx], z[val_idx]
         source = "the held-out slice of the transfer data"
-    zs = ev.run_onnx(exp.path, xc.astype(sig.input_dtype))
-    lat_sample = xc[:256]
+    student = OnnxTeacher(exp.path, device=opts.fit.device)
+    cmp = ev.compare(teacher, student, xc, y_eval, zt, opts.latency_batches, opts.latency_budget_s)
+    teacher_z = teacher.logits(xc) if zt is None else zt  # the teacher's again: cheap beside the fit
+    for e in extra:
+        model = OnnxTeacher(e["path"], device=opts.fit.device)
+        ze = model.logits(xc)
+        e.update(accuracy=ev.accuracy(ze, y_eval), agreement=ev.agreement(ze, teacher_z),
+                 latency_ms=ev.model_latency(model, xc[:256], opts.latency_batches,
+                                             opts.latency_budget_s))
     member_names = [m.name for m in getattr(teacher, "members", [])]
     report: dict[str, Any] = {
-        "teacher": {
-            "name": teacher.name,
-            "params": teacher.params,
-            "size_bytes": teacher.size_bytes,
-            "accuracy": ev.accuracy(zt, y_eval),
-            "latency_ms": teacher_latency(teacher, lat_sample, opts.latency_batches),
-            "output": sig.output_name,
-            **({"members": member_names} if member_names else {}),
-        },
-        "student": {
-            "params": count_params(cfg),
-            "size_bytes": exp.size_bytes,
-            "accuracy": ev.accuracy(zs, y_eval),
-            "width": cfg.width,
-            "rank": cfg.rank,
-            "input_dim": cfg.input_dim,
-            "classes": cfg.num_classes,
-            "latency_ms": ev.latency(ev.onnx_session(exp.path), lat_sample.astype(sig.input_dtype),
-                                     opts.latency_batches),
-        },
-        "fidelity": {"agreement": ev.agreement(zs, zt), "logit_rmse": ev.logit_rmse(zs, zt)},
+        "teacher": {**cmp["teacher"], "output": sig.output_name,
+                    **({"members": member_names} if member_names else {})},
+        "student": {**cmp["student"], "params": count_params(cfg), "width": cfg.width,
+                    "rank": cfg.rank, "input_dim": cfg.input_dim, "classes": cfg.num_classes},
+        "fidelity": cmp["fidelity"],
         "export": {"path": str(Path(exp.path).resolve()), "max_abs_diff": exp.max_abs_diff,
                    "max_abs_diff_fp64": exp.max_abs_diff_fp64, "opset": 17},
+        "exports": extra,
         "train": {
             "epochs": result.epochs,
             "best_epoch": result.best_epoch,
@@ -205,8 +207,9 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
         "transfer": {"samples": int(x.shape[0]), "holdout": int(val_idx.size),
                      "targets_cached": cached, "targets_path": str(cache.resolve())},
         "eval": {"source": source, "samples": int(xc.shape[0]), "labels": y_eval is not None},
-        "latency_provider": "CPUExecutionProvider",
+        "latency_provider": student.session.get_providers()[0],
     }
+    plot = write_plot(report, out / "report.png")
     _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_text(out / "report.md", ev.render_markdown(report))
+    _write_text(out / "report.md", ev.render_markdown(report, plot))
     return report

@@ -96,20 +96,25 @@ def build_student(cfg: StudentConfig) -> torch.nn.Sequential:
     return nn.Sequential(layers)
 
 
-def save_student(model: torch.nn.Module, cfg: StudentConfig, path: str, meta: dict[str, Any]) -> None:
-    """`student.pt`: config, teacher signature and state dict; loadable with weights_only=True."""
+def save_student(model: torch.nn.Module, cfg: StudentConfig, path: str, meta: dict[str, Any],
+                 check_inputs: Any = None) -> None:
+    """`student.pt`: config, teacher signature, state dict, and a few held-out inputs that later
+    exports are checked on; loadable with weights_only=True."""
     import torch
 
     from compress.atomic import atomic_path
 
     payload = {"format": "compress-student/1", "config": cfg.to_dict(), "meta": meta,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    if check_inputs is not None:
+        payload["check_inputs"] = torch.as_tensor(check_inputs, dtype=torch.float32)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
 def load_student(path: str) -> tuple[torch.nn.Sequential, StudentConfig, dict[str, Any]]:
-    """Read a `student.pt` written by `save_student` (no pickled code is ever executed)."""
+    """The model, its config, and its meta (with `check_inputs` as a numpy array when stored)."""
+    # No pickled code is ever executed: weights_only=True.
     import torch
 
     try:
@@ -123,4 +128,7 @@ def load_student(path: str) -> tuple[torch.nn.Sequential, StudentConfig, dict[st
     model = build_student(cfg)
     model.load_state_dict(payload["state_dict"])
     model.eval()
-    return model, cfg, payload.get("meta", {})
+    meta = dict(payload.get("meta", {}))
+    if "check_inputs" in payload:
+        meta["check_inputs"] = payload["check_inputs"].numpy()
+    return model, cfg, meta

@@ -18,7 +18,7 @@ def distilled(tmp_path_factory, digits_files):
     f = digits_files
     args = ["distill", str(f["teacher"]), "--data", str(f["x"]), "--eval-data", str(f["x_test"]),
             "--eval-labels", str(f["y_test"]), "--width", "2k", "--rank", "32", "--out", str(out),
-            "--json"]
+            "--precision", "fp16,int8", "--json"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     return out, result

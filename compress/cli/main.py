@@ -114,6 +114,38 @@ def _fit_options(f: Any) -> Any:
     return f
 
 
+def _export_options(multiple: bool) -> Any:
+    def wrap(f: Any) -> Any:
+        help_ = ("Extra exports besides fp32, comma-separated: fp16, int8 (student.<p>.onnx)."
+                 if multiple else "Weight precision: fp32, fp16 (float32 interface kept) or int8.")
+        opts = [
+            click.option("--precision", default="" if multiple else "fp32",
+                         show_default=not multiple, help=help_),
+            click.option("--min-agreement", type=float, default=0.99, show_default=True,
+                         help="Refuse an fp16/int8 export whose top-1 agreement with the fp32 student "
+                              "on held-out inputs falls below this."),
+            click.option("--quantize", type=click.Choice(["weights", "dynamic", "static"]),
+                         default="weights", show_default=True,
+                         help="int8 method: weights (int8 storage, float math: most accurate), dynamic "
+                              "or static (int8 math via onnxruntime; static calibrates on inputs)."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return wrap
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    from compress.exporters.quantize import PRECISIONS
+
+    out = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    for p in out:
+        if p not in PRECISIONS:
+            raise click.BadParameter(f"'{p}' is not one of {', '.join(PRECISIONS)}",
+                                     param_hint="'--precision'")
+    return out
+
+
 def _emit(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -134,11 +166,13 @@ def _emit(report: dict[str, Any], as_json: bool) -> None:
 @click.option("--output", default=None, help="Teacher output holding the logits [default: first float].")
 @click.option("--key", default=None, help="Array name inside .npz files.")
 @_fit_options
+@_export_options(multiple=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
 def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_labels: Path | None,
             out_dir: Path, output: str | None, key: str | None, width: int, rank: int | None,
             epochs: int | None, batch_size: int, lr: float, loss: str, temperature: float,
-            device: str, seed: int, as_json: bool) -> None:
+            device: str, seed: int, precision: str, min_agreement: float, quantize: str,
+            as_json: bool) -> None:
     """Distill TEACHER (several: their ensemble) into a wide, shallow student.
 
     Writes student.onnx, student.pt, report.json and report.md into --out.
@@ -149,6 +183,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
 
     opts = DistillOptions(
         width=width, rank=rank, out_dir=str(out_dir), output=output, key=key,
+        precisions=_precisions(precision), min_agreement=min_agreement, quantize=quantize,
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                       temperature=temperature, device=device, seed=seed),
     )
@@ -192,27 +227,101 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="The ONNX file to write.")
 @click.option("--data", type=click.Path(path_type=Path),
-              help="Inputs for the parity check [default: 256 random ones].")
-@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True,
-              help="Weight precision of the export.")
-def export(student: Path, out_path: Path, data: Path | None, precision: str) -> None:
-    """Export a student.pt to ONNX, checked against the torch student before it is kept."""
+              help="Held-out inputs to check the export on [default: those stored in student.pt].")
+@_export_options(multiple=False)
+def export(student: Path, out_path: Path, data: Path | None, precision: str, min_agreement: float,
+           quantize: str) -> None:
+    """Export a student.pt to ONNX, checked before it is kept (fp32: against the torch student;
+    fp16/int8: top-1 agreement with the fp32 export, at least --min-agreement)."""
     import numpy as np
 
     from compress import data as data_mod
-    from compress.exporters.onnx import export_onnx
+    from compress.exporters.onnx import export_onnx, student_to_onnx
+    from compress.exporters.quantize import export_precision
     from compress.student import load_student
     from compress.teachers import Signature
 
+    (precision,) = _precisions(precision) or ("fp32",)
     model, cfg, meta = load_student(str(student))
     sig = Signature(**{**meta["signature"], "sample_shape": tuple(meta["signature"]["sample_shape"])})
     if data is not None:
         x = data_mod.load_inputs(data, cfg.sample_shape)
+    elif "check_inputs" in meta:
+        x = meta["check_inputs"]
     else:
         x = np.random.default_rng(0).standard_normal((256, *cfg.sample_shape)).astype(np.float32)
-    res = export_onnx(model, cfg, sig, out_path, x)
-    click.echo(json.dumps({"path": res.path, "max_abs_diff": res.max_abs_diff,
-                           "size_bytes": res.size_bytes}))
+    if precision == "fp32":
+        res = export_onnx(model, cfg, sig, out_path, x)
+        info = {"precision": "fp32", "path": res.path, "size_bytes": res.size_bytes,
+                "max_abs_diff": res.max_abs_diff}
+    else:
+        info = export_precision(student_to_onnx(model, cfg, sig), out_path, precision, x,
+                                min_agreement, quantize, x)
+    click.echo(json.dumps(info))
+
+
+@cli.command()
+@click.argument("teacher", type=click.Path(path_type=Path))
+@click.argument("student", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Inputs to compare on.")
+@click.option("--labels", type=click.Path(path_type=Path), help="Class labels for --data, for accuracy.")
+@click.option("--output", default=None, help="Teacher output holding the logits.")
+@click.option("--key", default=None, help="Array name inside .npz files.")
+@click.option("--batch-sizes", default="1,256", show_default=True, help="Latency batch sizes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
+def compare(teacher: Path, student: Path, data: Path, labels: Path | None, output: str | None,
+            key: str | None, batch_sizes: str, as_json: bool) -> None:
+    """Compare any two ONNX classifiers on the same inputs: a teacher and its student, or a student
+    and its int8 export. Accuracy (with --labels), agreement, logit RMSE, size, latency."""
+    from compress import data as data_mod
+    from compress.evaluate import compare as run
+    from compress.teachers import OnnxTeacher
+
+    batches = _batch_sizes(batch_sizes)
+    t = OnnxTeacher(teacher, output=output, device="cpu")
+    s = OnnxTeacher(student, device="cpu")
+    x = data_mod.load_inputs(data, t.signature.sample_shape, key=key)
+    y = data_mod.load_labels(labels, x.shape[0], data_what="--data") if labels else None
+    report = run(t, s, x, y, batches=batches)
+    report["eval"]["source"] = f"--data {data.name}"
+    report["latency_provider"] = "CPUExecutionProvider"
+    _emit(report, as_json)
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"'{text}' is not a list of batch sizes like 1,64,256",
+                                 param_hint="'--batch-sizes'")
+    return sizes
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path),
+                metavar="MODEL.onnx [MODEL.onnx...]")
+@click.option("--batch-sizes", default="1,64,256", show_default=True, help="Comma-separated.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads [default: onnxruntime's].")
+@click.option("--seconds", type=float, default=1.0, show_default=True,
+              help="Timing budget per model and batch size (after warm-up).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def bench(models: tuple[Path, ...], batch_sizes: str, provider: str, threads: int | None,
+          seconds: float, as_json: bool) -> None:
+    """Latency (p50/p90/p99) and throughput of ONNX models at several batch sizes."""
+    from compress.bench import bench as run
+    from compress.cli.render import print_bench
+
+    if threads is not None and threads < 1:
+        raise click.BadParameter("must be at least 1", param_hint="'--threads'")
+    result = run(list(models), _batch_sizes(batch_sizes), provider, threads, seconds)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        print_bench(result)
 
 
 @cli.command()

@@ -55,14 +55,27 @@ class ProgressView:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    from compress.evaluate import comparison_rows
+    from compress.evaluate import comparison_columns
 
     s = report["student"]
-    table = Table(title=f"Teacher vs student (width {s['width']:,}, rank {s['rank']}) on "
-                        f"{report['eval']['source']}")
-    table.add_column("metric")
-    table.add_column("teacher", justify="right")
-    table.add_column("student", justify="right")
-    for row in comparison_rows(report):
+    shape = f" (width {s['width']:,}, rank {s['rank']})" if "width" in s else ""
+    table = Table(title=f"Teacher vs student{shape} on {report['eval']['source']}")
+    headers, rows = comparison_columns(report)
+    table.add_column(headers[0])
+    for h in headers[1:]:
+        table.add_column(h, justify="right")
+    for row in rows:
         table.add_row(*row)
+    console.print(table)
+
+
+def print_bench(result: dict[str, Any]) -> None:
+    table = Table(title=f"onnxruntime {result['provider']}, threads: {result['threads'] or 'default'}")
+    for h in ("model", "size", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "timed"):
+        table.add_column(h, justify="left" if h == "model" else "right")
+    for m in result["models"]:
+        for b, v in m["latency_ms"].items():
+            table.add_row(m["model"], f"{m['size_bytes'] / 1e6:.2f} MB", b, f"{v['p50']:.3f}",
+                          f"{v['p90']:.3f}", f"{v['p99']:.3f}", f"{v['samples_per_second']:,.0f}",
+                          f"{v['runs']} x {v['method']}")
     console.print(table)

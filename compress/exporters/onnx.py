@@ -59,15 +59,16 @@ def student_to_onnx(model: torch.nn.Module, cfg: StudentConfig, sig: Signature) 
         src = "x_float"
     nodes.append(helper.make_node("Flatten", [src], ["flat"], axis=1))  # (N, D)
     if cfg.rank > 0:
-        nodes.append(helper.make_node("Gemm", ["flat", "bottleneck.weight"], ["low_rank"], transB=1))
+        nodes.append(helper.make_node("Gemm", ["flat", "bottleneck.weight"], ["low_rank"],
+                                      name="bottleneck", transB=1))  # (N, D) -> (N, k)
         nodes.append(helper.make_node("Gemm", ["low_rank", "hidden.weight", "hidden.bias"],
-                                      ["pre_relu"], transB=1))  # (N, k) -> (N, H)
+                                      ["pre_relu"], name="hidden", transB=1))  # (N, k) -> (N, H)
     else:
         nodes.append(helper.make_node("Gemm", ["flat", "hidden.weight", "hidden.bias"],
-                                      ["pre_relu"], transB=1))  # (N, D) -> (N, H)
-    nodes.append(helper.make_node("Relu", ["pre_relu"], ["hidden_out"]))
+                                      ["pre_relu"], name="hidden", transB=1))  # (N, D) -> (N, H)
+    nodes.append(helper.make_node("Relu", ["pre_relu"], ["hidden_out"], name="relu"))
     nodes.append(helper.make_node("Gemm", ["hidden_out", "out.weight", "out.bias"],
-                                  [sig.output_name], transB=1))  # (N, H) -> (N, C)
+                                  [sig.output_name], name="out", transB=1))  # (N, H) -> (N, C)
     graph = helper.make_graph(nodes, "compress_student", [x], [y], initializer=inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                           producer_name="compress")
