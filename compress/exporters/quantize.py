@@ -19,6 +19,8 @@ it raises `ExportError` and the file is never written.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +92,21 @@ def to_int8_weights(model: Any) -> Any:
     return m
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime's quantizer calls `logging.warning` on the root logger ("consider pre-processing"),
+    which would install a stderr handler: library code prints nothing, so hold it back."""
+    root = logging.getLogger()
+    guard, level = logging.NullHandler(), root.level
+    root.addHandler(guard)  # basicConfig() adds no handler while one exists
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.removeHandler(guard)
+        root.setLevel(level)
+
+
 class _Calibration:
     """onnxruntime's CalibrationDataReader protocol over an array of inputs."""
 
@@ -101,7 +118,7 @@ class _Calibration:
         return next(self.batches, None)
 
 
-def convert(fp32_path: str, out_path: str, precision: str, method: str = "dynamic",
+def convert(fp32_path: str, out_path: str, precision: str, method: str = "weights",
             calibration: np.ndarray | None = None) -> None:
     """Write `out_path` as the `precision` version of the fp32 ONNX file at `fp32_path`."""
     import onnx
@@ -112,10 +129,16 @@ def convert(fp32_path: str, out_path: str, precision: str, method: str = "dynami
     if method == "weights":
         onnx.save_model(to_int8_weights(onnx.load(fp32_path)), out_path)
         return
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-
     graph = onnx.load(fp32_path, load_external_data=False).graph
     keep_fp32 = [n.name for n in graph.node if n.name == "bottleneck"]
+    with _quiet_root_logger():
+        _quantize(fp32_path, out_path, method, calibration, graph, keep_fp32)
+
+
+def _quantize(fp32_path: str, out_path: str, method: str, calibration: np.ndarray | None, graph: Any,
+              keep_fp32: list[str]) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
     if method == "dynamic":
         quantize_dynamic(fp32_path, out_path, per_channel=True, weight_type=QuantType.QInt8,
                          nodes_to_exclude=keep_fp32)
