@@ -92,6 +92,21 @@ def latency(sess: Any, sample: np.ndarray | None = None, batch_sizes: tuple[int,
     return result
 
 
+def latency_of(fn: Any, sample: np.ndarray, batch_sizes: tuple[int, ...], budget_s: float = 1.0,
+               min_runs: int = 30, max_runs: int = 5000) -> dict[str, dict[str, Any]]:
+    """The same figures as `latency`, for any callable taking a batch (a PyTorch teacher)."""
+    result: dict[str, dict[str, Any]] = {}
+    for b in batch_sizes:
+        x = np.ascontiguousarray(np.resize(sample, (b, *sample.shape[1:])))
+        times = _timed(lambda x=x: fn(x), budget_s, min_runs, max_runs)
+        result[str(b)] = {
+            "p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)),
+            "p99": float(np.percentile(times, 99)), "runs": int(times.size),
+            "samples_per_second": float(b / (np.median(times) / 1e3)), "method": "python",
+        }
+    return result
+
+
 def bench(paths: list[str | Path], batch_sizes: tuple[int, ...] = (1, 64, 256), provider: str = "cpu",
           threads: int | None = None, budget_s: float = 1.0) -> dict[str, Any]:
     """Latency of each model at each batch size, with what it ran on."""

@@ -101,12 +101,15 @@ def check_finite(arr: np.ndarray, path: str | Path, what: str = "--data") -> Non
 
 
 def fit_shape(
-    arr: np.ndarray, sample_shape: tuple[int | None, ...], path: str | Path, what: str = "--data"
+    arr: np.ndarray, sample_shape: tuple[int | None, ...] | None, path: str | Path, what: str = "--data"
 ) -> np.ndarray:
-    """Match `arr`'s samples to the teacher's input shape (None = any size along that axis).
+    """Match `arr`'s samples to the teacher's input shape (None = any size along that axis; a shape
+    of None, as for PyTorch teachers that do not record one, takes the data as it is).
 
     Flat rows (`(N, D)`, as from a CSV) are reshaped when D equals the product of a fixed shape.
     """
+    if sample_shape is None:
+        return arr
     got = tuple(arr.shape[1:])
     if len(got) == len(sample_shape) and all(
         e is None or e == g for e, g in zip(sample_shape, got, strict=True)
@@ -121,7 +124,7 @@ def fit_shape(
 
 def load_inputs(
     path: str | Path,
-    sample_shape: tuple[int | None, ...],
+    sample_shape: tuple[int | None, ...] | None,
     *,
     what: str = "--data",
     key: str | None = None,

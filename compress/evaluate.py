@@ -49,11 +49,15 @@ def model_latency(model: Any, sample: np.ndarray, batches: tuple[int, ...] = LAT
                   budget_s: float = 1.0) -> dict[str, dict[str, Any]]:
     """Latency of an `OnnxTeacher` (a teacher, or a student file loaded as one). An ensemble's
     members run one after another, so their percentiles are added up."""
-    from compress.bench import latency
+    from compress.bench import latency, latency_of
 
     total: dict[str, dict[str, Any]] = {}
     for m in getattr(model, "members", [model]):
-        lat = latency(m.session, sample, batches, m.signature.batch, budget_s)
+        if hasattr(m, "session"):
+            lat = latency(m.session, sample, batches, m.signature.batch, budget_s)
+        else:  # a PyTorch teacher: its own forward pass, timed the same way
+            lat = latency_of(lambda x, m=m: m.logits(x, batch_size=x.shape[0]), sample, batches,
+                             budget_s)
         for b, v in lat.items():
             acc = total.setdefault(b, {"p50": 0.0, "p90": 0.0, "p99": 0.0})
             for q in ("p50", "p90", "p99"):

@@ -6,6 +6,7 @@ in a second, and never leaves a `student.onnx` behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,13 +36,15 @@ class DistillOptions:
     out_dir: str = "compress-out"
     fit: FitConfig = field(default_factory=FitConfig)
     output: str | None = None  # the teacher output to use; None: its first float output
+    arch: str | None = None  # package.module:factory for state-dict teachers
+    trust_pickle: bool = False  # allow loading a whole pickled module (runs code from the file)
     key: str | None = None  # the array to use in .npz files
     teacher_batch_size: int = 1024
     latency_batches: tuple[int, ...] = (1, 256)
     precisions: tuple[str, ...] = ()  # extra exports besides fp32: "fp16", "int8"
     min_agreement: float = 0.99  # of each extra export with the fp32 student, on held-out inputs
     quantize: str = "weights"  # int8 method: "weights", "dynamic" or "static" (see exporters/quantize)
-    latency_budget_s: float = 1.0  # timing per model and batch size
+    latency_budget_s: float = 1.0  # timing per model and batch size (--bench-seconds)
 
 
 def default_rank(input_dim: int) -> int:
@@ -118,7 +121,8 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     out = Path(opts.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
-    teacher = load_teacher(list(teachers), output=opts.output, device=opts.fit.device)
+    teacher = load_teacher(list(teachers), output=opts.output, device=opts.fit.device, arch=opts.arch,
+                           trust_pickle=opts.trust_pickle)
     sig = teacher.signature
     x = data_mod.load_inputs(data, sig.sample_shape, what="--data", key=opts.key)
     sample_shape = tuple(int(v) for v in x.shape[1:])
@@ -154,9 +158,11 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     result = fit(x[train_idx], z[train_idx], x[val_idx], z[val_idx], cfg, opts.fit,
                  lambda info: say("fit", **info))
 
-    # 4. keep the student: weights, then the validated ONNX files
+    # 4. keep the student: weights, then the validated ONNX files. Its interface is the teacher's,
+    # with the data's sample shape (a PyTorch teacher records none) and a dynamic batch axis.
     say("export")
-    meta = {"signature": sig.__dict__, "teachers": [str(t) for t in teachers]}
+    sig = dataclasses.replace(sig, sample_shape=cfg.sample_shape, batch=None)
+    meta = {"signature": dataclasses.asdict(sig), "teachers": [str(t) for t in teachers]}
     save_student(result.model, cfg, str(out / "student.pt"), meta, check_inputs=x[val_idx[:256]])
     check_x = x_eval if x_eval is not None else x[val_idx]
     exp = export_onnx(result.model, cfg, sig, out / "student.onnx", check_x)
@@ -181,10 +187,12 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
         e.update(accuracy=ev.accuracy(ze, y_eval), agreement=ev.agreement(ze, teacher_z),
                  latency_ms=ev.model_latency(model, xc[:256], opts.latency_batches,
                                              opts.latency_budget_s))
-    member_names = [m.name for m in getattr(teacher, "members", [])]
+    members = [{"name": m.name, "output_kind": m.output_kind,
+                "accuracy": ev.accuracy(m.logits(xc), y_eval) if y_eval is not None else None}
+               for m in getattr(teacher, "members", [])]
     report: dict[str, Any] = {
-        "teacher": {**cmp["teacher"], "output": sig.output_name,
-                    **({"members": member_names} if member_names else {})},
+        "teacher": {**cmp["teacher"], "output": sig.output_name, "output_kind": teacher.output_kind,
+                    **({"members": members} if members else {})},
         "student": {**cmp["student"], "params": count_params(cfg), "width": cfg.width,
                     "rank": cfg.rank, "input_dim": cfg.input_dim, "classes": cfg.num_classes},
         "fidelity": cmp["fidelity"],

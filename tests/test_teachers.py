@@ -79,7 +79,7 @@ def test_unsupported_teachers_say_why(tmp_path, weights):
     with pytest.raises(TeacherError, match="is tensor\\(int64\\)"):
         OnnxTeacher(linear_onnx(tmp_path / "int.onnx", w, b, input_type=TensorProto.INT64))
     (tmp_path / "m.pt").write_bytes(b"x")
-    with pytest.raises(TeacherError, match="unsupported model format '.pt'"):
+    with pytest.raises(TeacherError, match="not a PyTorch or ONNX model file"):
         load_teacher([tmp_path / "m.pt"])
 
 

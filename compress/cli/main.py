@@ -146,6 +146,21 @@ def _precisions(text: str) -> tuple[str, ...]:
     return out
 
 
+def _teacher_options(f: Any) -> Any:
+    opts = [
+        click.option("--output", default=None,
+                     help="ONNX teacher output holding the scores [default: the first float one]."),
+        click.option("--arch", default=None, metavar="MODULE:FACTORY",
+                     help="For a state-dict teacher: a function returning the model (mypkg.nets:resnet)."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow a teacher saved as a whole pickled module. DANGEROUS: unpickling runs any "
+                          "code the file holds; use only for files you trust."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def _emit(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -163,16 +178,18 @@ def _emit(report: dict[str, Any], as_json: bool) -> None:
               help="Class labels for --eval-data, for accuracy.")
 @click.option("--out", "out_dir", default="compress-out", show_default=True,
               type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--output", default=None, help="Teacher output holding the logits [default: first float].")
+@_teacher_options
 @click.option("--key", default=None, help="Array name inside .npz files.")
 @_fit_options
 @_export_options(multiple=True)
+@click.option("--bench-seconds", type=float, default=1.0, show_default=True,
+              help="Latency timing budget per model and batch size.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
 def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_labels: Path | None,
-            out_dir: Path, output: str | None, key: str | None, width: int, rank: int | None,
-            epochs: int | None, batch_size: int, lr: float, loss: str, temperature: float,
-            device: str, seed: int, precision: str, min_agreement: float, quantize: str,
-            as_json: bool) -> None:
+            out_dir: Path, output: str | None, arch: str | None, trust_pickle: bool, key: str | None,
+            width: int, rank: int | None, epochs: int | None, batch_size: int, lr: float, loss: str,
+            temperature: float, device: str, seed: int, precision: str, min_agreement: float,
+            quantize: str, bench_seconds: float, as_json: bool) -> None:
     """Distill TEACHER (several: their ensemble) into a wide, shallow student.
 
     Writes student.onnx, student.pt, report.json and report.md into --out.
@@ -184,6 +201,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
     opts = DistillOptions(
         width=width, rank=rank, out_dir=str(out_dir), output=output, key=key,
         precisions=_precisions(precision), min_agreement=min_agreement, quantize=quantize,
+        arch=arch, trust_pickle=trust_pickle, latency_budget_s=bench_seconds,
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                       temperature=temperature, device=device, seed=seed),
     )
@@ -199,13 +217,14 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Transfer inputs.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="Where to write the logits (.npy).")
-@click.option("--output", default=None, help="Teacher output holding the logits.")
+@_teacher_options
 @click.option("--key", default=None, help="Array name inside .npz files.")
 @click.option("--batch-size", type=int, default=1024, show_default=True, help="Teacher batch size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where the teacher runs.")
 def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str | None,
-            key: str | None, batch_size: int, device: str) -> None:
+            arch: str | None, trust_pickle: bool, key: str | None, batch_size: int,
+            device: str) -> None:
     """Label the transfer data with the teacher's logits, once, into a .npy file."""
     from compress import data as data_mod
     from compress.targets import cache_key, compute_targets
@@ -213,7 +232,8 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
 
     if out_path.suffix != ".npy":
         raise click.BadParameter(f"{out_path} must end in .npy", param_hint="--out")
-    teacher = load_teacher(list(teachers), output=output, device=device)
+    teacher = load_teacher(list(teachers), output=output, device=device, arch=arch,
+                           trust_pickle=trust_pickle)
     x = data_mod.load_inputs(data, teacher.signature.sample_shape, key=key)
     key_ = cache_key(list(teachers), data, teacher.signature.output_name, x.shape[0])
     with ProgressView() as view:
@@ -265,21 +285,22 @@ def export(student: Path, out_path: Path, data: Path | None, precision: str, min
 @click.argument("student", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Inputs to compare on.")
 @click.option("--labels", type=click.Path(path_type=Path), help="Class labels for --data, for accuracy.")
-@click.option("--output", default=None, help="Teacher output holding the logits.")
+@_teacher_options
 @click.option("--key", default=None, help="Array name inside .npz files.")
 @click.option("--batch-sizes", default="1,256", show_default=True, help="Latency batch sizes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
 def compare(teacher: Path, student: Path, data: Path, labels: Path | None, output: str | None,
-            key: str | None, batch_sizes: str, as_json: bool) -> None:
+            arch: str | None, trust_pickle: bool, key: str | None, batch_sizes: str,
+            as_json: bool) -> None:
     """Compare any two ONNX classifiers on the same inputs: a teacher and its student, or a student
     and its int8 export. Accuracy (with --labels), agreement, logit RMSE, size, latency."""
     from compress import data as data_mod
     from compress.evaluate import compare as run
-    from compress.teachers import OnnxTeacher
+    from compress.teachers import load_teacher
 
     batches = _batch_sizes(batch_sizes)
-    t = OnnxTeacher(teacher, output=output, device="cpu")
-    s = OnnxTeacher(student, device="cpu")
+    t = load_teacher([teacher], output=output, device="cpu", arch=arch, trust_pickle=trust_pickle)
+    s = load_teacher([student], device="cpu")
     x = data_mod.load_inputs(data, t.signature.sample_shape, key=key)
     y = data_mod.load_labels(labels, x.shape[0], data_what="--data") if labels else None
     report = run(t, s, x, y, batches=batches)
@@ -322,6 +343,24 @@ def bench(models: tuple[Path, ...], batch_sizes: str, provider: str, threads: in
         click.echo(json.dumps(result, indent=2))
     else:
         print_bench(result)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@_teacher_options
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON on stdout.")
+def inspect(model: Path, output: str | None, arch: str | None, trust_pickle: bool,
+            as_json: bool) -> None:
+    """Describe a model: inputs, outputs (and whether they look like logits, probabilities or
+    labels), parameters, format, and which output distill would use."""
+    from compress.cli.render import print_description
+    from compress.describe import describe
+
+    info = describe(model, output=output, arch=arch, trust_pickle=trust_pickle)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        print_description(info)
 
 
 @cli.command()

@@ -79,3 +79,24 @@ def print_bench(result: dict[str, Any]) -> None:
                           f"{v['p90']:.3f}", f"{v['p99']:.3f}", f"{v['samples_per_second']:,.0f}",
                           f"{v['runs']} x {v['method']}")
     console.print(table)
+
+
+def print_description(info: dict[str, Any]) -> None:
+    console.print(f"[bold]{info['path']}[/bold]: {info['format']}, {info['size_bytes']:,} bytes, "
+                  f"{info['params']:,} parameters" if info.get("params") is not None else
+                  f"[bold]{info['path']}[/bold]: {info['format']}, {info['size_bytes']:,} bytes")
+    if info.get("opsets"):
+        console.print(f"opsets {info['opsets']}, IR {info['ir_version']}, producer {info['producer']}")
+    for title, rows in (("inputs", info.get("inputs")), ("outputs", info.get("outputs"))):
+        if not rows:
+            continue
+        table = Table(title=title)
+        for h in rows[0]:
+            table.add_column(h)
+        for r in rows:
+            table.add_row(*[str(v) for v in r.values()])
+        console.print(table)
+    if info["usable"]:
+        console.print(f"distill uses: {info['distill_uses']}")
+    else:
+        console.print(f"[red]not usable as a teacher[/red]: {info['why']}")

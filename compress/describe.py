@@ -1,0 +1,81 @@
+"""What a model file is, as `compress inspect` shows it: format, inputs, outputs (and whether each looks
+like logits, probabilities or labels), parameter count, and what `distill` would do with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from compress.errors import CompressError, TeacherError
+
+
+def _dims(shape: Any) -> list[Any]:
+    return [d if isinstance(d, int) and d > 0 else (d or "?") for d in shape]
+
+
+def describe_onnx(path: Path, output: str | None) -> dict[str, Any]:
+    import onnx
+    import onnxruntime as ort
+
+    from compress.teachers.onnx_teacher import OnnxTeacher, onnx_param_count, output_kind_guess, pick_output
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise TeacherError(f"MODEL {path}: not a valid ONNX model ({type(e).__name__})") from None
+    info: dict[str, Any] = {
+        "path": str(path), "format": "onnx", "size_bytes": path.stat().st_size,
+        "params": onnx_param_count(model), "ir_version": model.ir_version,
+        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "producer": f"{model.producer_name} {model.producer_version}".strip() or None,
+        "inputs": [{"name": i.name, "shape": _dims(i.shape), "type": i.type} for i in sess.get_inputs()],
+        "outputs": [{"name": o.name, "shape": _dims(o.shape), "type": o.type,
+                     "looks_like": output_kind_guess(model, o.name, o.type)} for o in sess.get_outputs()],
+    }
+    try:
+        OnnxTeacher(path, output=output, device="cpu")
+        info["distill_uses"] = pick_output(sess.get_outputs(), output, path).name
+        info["usable"], info["why"] = True, None
+    except CompressError as e:
+        info["distill_uses"], info["usable"], info["why"] = None, False, str(e)
+    return info
+
+
+def describe_torch(path: Path, arch: str | None, trust_pickle: bool) -> dict[str, Any]:
+    from compress.teachers.torch_teacher import TorchTeacher, file_kind
+
+    kind = file_kind(path)
+    info: dict[str, Any] = {"path": str(path), "format": {"torchscript": "torchscript",
+                                                          "export": "torch.export program",
+                                                          "torch-save": "torch.save checkpoint"}.get(
+                                                              kind, "unknown"),
+                            "size_bytes": path.stat().st_size}
+    try:
+        t = TorchTeacher(path, arch=arch, trust_pickle=trust_pickle, device="cpu")
+    except CompressError as e:
+        info.update(usable=False, why=str(e), params=None, inputs=None, outputs=None, distill_uses=None)
+        return info
+    shape = t.signature.sample_shape
+    info.update(
+        usable=True, why=None, params=t.params,
+        inputs=[{"name": "input", "shape": ["batch" if t.signature.batch is None else t.signature.batch,
+                                             *(_dims(shape) if shape is not None else ["(from the data)"])],
+                 "type": "float32"}],
+        outputs=[{"name": "(return value)", "shape": ["batch", "classes"], "type": "float32",
+                  "looks_like": "logits or probabilities (decided on the first batch)"}],
+        distill_uses="the module's return value",
+    )
+    return info
+
+
+def describe(path: str | Path, output: str | None = None, arch: str | None = None,
+             trust_pickle: bool = False) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise TeacherError(f"MODEL {path}: file not found")
+    if path.suffix.lower() == ".onnx":
+        return describe_onnx(path, output)
+    return describe_torch(path, arch, trust_pickle)

@@ -1,0 +1,167 @@
+"""Teachers: trained models that hand back logits, run in batches.
+
+A teacher is anything with the `Teacher` protocol: `OnnxTeacher` (onnxruntime), `TorchTeacher`
+(TorchScript, torch.export programs, state dict + architecture), and `EnsembleTeacher`, the mean of
+several teachers' logits (the paper's strongest teachers were ensembles; Ba & Caruana 2014, 2.1).
+
+A teacher whose output holds probabilities is turned into logits here: log(p), p clipped away from 0,
+centred per row (the paper trains on logits because they carry more than probabilities do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from compress.errors import TeacherError
+
+Progress = Callable[[int, int], None]  # (samples done, samples in all)
+
+P_MIN = 1e-7  # probabilities are clipped to [P_MIN, 1] before the log
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The teacher's input and output, as the student's ONNX export must copy them."""
+
+    input_name: str
+    sample_shape: tuple[int | None, ...] | None  # one sample, no batch axis; None: whatever the data has
+    input_dtype: str  # numpy dtype name, e.g. "float32"
+    output_name: str
+    batch: int | None  # a batch size baked into the model, or None when the batch axis is dynamic
+
+
+class Teacher(Protocol):
+    name: str
+    signature: Signature
+    params: int | None
+    size_bytes: int
+    output_kind: str  # "logits" or "probabilities" (known after the first batch)
+
+    def logits(self, x: np.ndarray, batch_size: int = 1024, progress: Progress | None = None
+               ) -> np.ndarray: ...
+
+
+def gpu_available() -> bool:
+    """True when torch sees a CUDA device (onnxruntime-gpu lists CUDA even on machines without one)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def looks_like_probabilities(y: np.ndarray) -> bool:
+    """Rows of non-negative values summing to 1: a softmax (or a normalizer) ended the model."""
+    return bool(y.size and (y >= 0).all() and (y <= 1 + 1e-6).all()
+                and np.allclose(y.sum(axis=1), 1.0, atol=1e-3))
+
+
+def probabilities_to_logits(p: np.ndarray) -> np.ndarray:
+    """log(p) with p clipped to [P_MIN, 1], centred per row: logits up to the softmax's free shift."""
+    logp = np.log(np.clip(p.astype(np.float64), P_MIN, 1.0))
+    return (logp - logp.mean(axis=1, keepdims=True)).astype(np.float32)
+
+
+def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int,
+                fixed_batch: int | None = None, progress: Progress | None = None) -> np.ndarray:
+    """Apply `fn` to `x` in batches and stack the results. With a fixed batch size, the last batch
+    is padded with copies of its last sample and the padding's outputs dropped."""
+    n = x.shape[0]
+    step = fixed_batch or batch_size
+    out: np.ndarray | None = None
+    for start in range(0, n, step):
+        chunk = np.asarray(x[start : start + step])
+        m = chunk.shape[0]
+        if fixed_batch and m < fixed_batch:
+            pad = np.repeat(chunk[-1:], fixed_batch - m, axis=0)
+            chunk = np.concatenate([chunk, pad])
+        y = fn(chunk)[:m]
+        if out is None:
+            out = np.empty((n, *y.shape[1:]), dtype=np.float32)
+        out[start : start + m] = y
+        if progress:
+            progress(start + m, n)
+    assert out is not None  # x is never empty: the data loaders refuse empty files
+    return out
+
+
+class EnsembleTeacher:
+    """The mean of its members' logits. Members must agree on input shape and class count."""
+
+    def __init__(self, members: list[Teacher]):
+        first = members[0]
+        for m in members[1:]:
+            a, b = m.signature.sample_shape, first.signature.sample_shape
+            if a is not None and b is not None and a != b:
+                raise TeacherError(f"TEACHER {m.name}: input shape {a} differs from {first.name}'s {b}")
+        self.members = members
+        self.name = " + ".join(m.name for m in members)
+        known = [m.signature for m in members if m.signature.sample_shape is not None]
+        self.signature = known[0] if known else first.signature  # an ONNX member's interface first
+        counts = [m.params for m in members]
+        self.params = None if any(c is None for c in counts) else sum(counts)  # type: ignore[arg-type]
+        self.size_bytes = sum(m.size_bytes for m in members)
+
+    @property
+    def output_kind(self) -> str:
+        kinds = {m.output_kind for m in self.members}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def logits(self, x: np.ndarray, batch_size: int = 1024, progress: Progress | None = None
+               ) -> np.ndarray:
+        n, k = x.shape[0], len(self.members)
+        total: np.ndarray | None = None
+        for i, m in enumerate(self.members):
+            def member_progress(done: int, _n: int, i: int = i) -> None:
+                if progress:
+                    progress(i * n + done, k * n)
+            z = m.logits(x, batch_size, member_progress)
+            if total is not None and z.shape[1] != total.shape[1]:
+                raise TeacherError(f"TEACHER {m.name}: gives {z.shape[1]} classes but "
+                                   f"{self.members[0].name} gives {total.shape[1]}")
+            total = z.astype(np.float64) if total is None else total + z
+        assert total is not None
+        return (total / k).astype(np.float32)
+
+
+def load_teacher(paths: list[str | Path], output: str | None = None, device: str = "auto",
+                 arch: str | None = None, trust_pickle: bool = False) -> Teacher:
+    """One teacher per path: `.onnx` runs on onnxruntime, anything else is tried as a PyTorch file
+    (TorchScript, torch.export, or a state dict with `arch`). Several paths make an ensemble."""
+    from compress.teachers.onnx_teacher import OnnxTeacher
+    from compress.teachers.torch_teacher import TorchTeacher
+
+    if not paths:
+        raise TeacherError("TEACHER: give at least one model file")
+    teachers: list[Teacher] = []
+    for p in paths:
+        if Path(p).suffix.lower() == ".onnx":
+            teachers.append(OnnxTeacher(p, output=output, device=device))
+        else:
+            teachers.append(TorchTeacher(p, arch=arch, trust_pickle=trust_pickle, device=device))
+    return teachers[0] if len(teachers) == 1 else EnsembleTeacher(teachers)
+
+
+__all__ = ["EnsembleTeacher", "Progress", "Signature", "Teacher", "gpu_available", "load_teacher",
+           "looks_like_probabilities", "probabilities_to_logits", "run_batched"]
+
+
+def __getattr__(name: str) -> object:  # OnnxTeacher / TorchTeacher without importing both eagerly
+    if name == "OnnxTeacher":
+        from compress.teachers.onnx_teacher import OnnxTeacher
+
+        return OnnxTeacher
+    if name == "TorchTeacher":
+        from compress.teachers.torch_teacher import TorchTeacher
+
+        return TorchTeacher
+    if name in ("ort_providers", "onnx_param_count"):
+        from compress.teachers import onnx_teacher
+
+        return getattr(onnx_teacher, name)
+    raise AttributeError(name)
