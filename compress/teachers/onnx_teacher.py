@@ -38,15 +38,24 @@ def ort_providers(device: str = "auto") -> list[str]:
 
 
 def onnx_param_count(model: Any) -> int:
-    """Values in the model's floating-point initializers (its weights; integer ones are shapes)."""
-    from onnx import TensorProto
+    """Floating-point values the model stores: initializers, float tensors in Constant nodes, and
+    float-list attributes (scikit-learn converters keep coefficients and tree thresholds there).
+    Integer tensors are shapes and indices, scalar attributes hyperparameters: neither counts."""
+    from onnx import AttributeProto, TensorProto
 
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
     if isinstance(model, (str, Path)):
         import onnx
 
         model = onnx.load(str(model), load_external_data=False)
-    return sum(math.prod(i.dims) for i in model.graph.initializer if i.data_type in floats)
+    total = sum(math.prod(i.dims) for i in model.graph.initializer if i.data_type in floats)
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == AttributeProto.FLOATS:
+                total += len(a.floats)
+            elif a.type == AttributeProto.TENSOR and a.t.data_type in floats:
+                total += math.prod(a.t.dims)
+    return total
 
 
 def output_kind_guess(model: Any, name: str, ort_type: str) -> str:

@@ -105,7 +105,7 @@ class TorchTeacher:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise TeacherError(f"TEACHER {self.path}: cannot load it as a PyTorch model ({first})") from None
         self.module = self.module.to(self.device)
-        if hasattr(self.module, "eval"):
+        if self.kind != "export":  # an exported program keeps the mode it was captured in
             self.module.eval()
         self.params: int | None = sum(p.numel() for p in self.module.parameters())
         self.signature = Signature(input_name="input", sample_shape=shape, input_dtype="float32",
@@ -163,8 +163,9 @@ class TorchTeacher:
     def _run(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
+        x = torch.from_numpy(np.array(batch, dtype=np.float32))  # a copy: batch may be read-only
         with torch.no_grad():
-            y = self.module(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device))
+            y = self.module(x.to(self.device))
         if isinstance(y, (tuple, list)):
             y = y[0]
         y = y.float().cpu().numpy()
