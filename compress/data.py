@@ -1,7 +1,9 @@
-"""Reading transfer and evaluation data: `.npy` (memory-mapped), `.npz` and numeric `.csv`.
+"""Reading transfer and evaluation data: `.npy` (memory-mapped), a folder of `.npy` shards (read in
+name order, each memory-mapped), `.npz` and numeric `.csv`.
 
 Every loader checks what it reads and raises `DataError` with the option and file named, so that a
-bad file is reported in one line before any teacher or training work starts.
+bad file is reported in one line before any teacher or training work starts. `open_inputs` checks
+without reading the data whole (chunks of rows), so a transfer set larger than memory can be labelled.
 """
 
 from __future__ import annotations
@@ -19,11 +21,63 @@ FORMATS = (".npy", ".npz", ".csv")
 _CHUNK_ROWS = 65536  # rows checked at a time, so a memory-mapped file is never read whole
 
 
+class Shards:
+    """Several `.npy` files, each memory-mapped, read as one array along the first axis.
+
+    Supports what the pipeline uses: `len`, `shape`, `dtype`, `ndim`, row slices, integer index arrays,
+    and `reshape` of the sample axes."""
+
+    def __init__(self, parts: list[np.ndarray], names: list[str]):
+        self.parts, self.names = parts, names
+        self.offsets = np.cumsum([0] + [p.shape[0] for p in parts])
+        self.shape = (int(self.offsets[-1]), *parts[0].shape[1:])
+        self.dtype, self.ndim = parts[0].dtype, parts[0].ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def reshape(self, shape: tuple[int, ...]) -> Shards:
+        return Shards([p.reshape((p.shape[0], *shape[1:])) for p in self.parts], self.names)
+
+    def __getitem__(self, idx: slice | np.ndarray) -> np.ndarray:
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(self.shape[0])
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            pieces = []
+            for i, part in enumerate(self.parts):
+                lo, hi = self.offsets[i], self.offsets[i + 1]
+                a, b = max(start, lo), min(stop, hi)
+                if a < b:
+                    pieces.append(np.asarray(part[a - lo : b - lo]))
+            return np.concatenate(pieces) if pieces else np.empty((0, *self.shape[1:]), self.dtype)
+        idx = np.asarray(idx)
+        out = np.empty((idx.size, *self.shape[1:]), self.dtype)
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        for i in np.unique(shard):
+            sel = shard == i
+            out[sel] = self.parts[i][idx[sel] - self.offsets[i]]
+        return out
+
+
+def open_shards(folder: Path, what: str) -> Shards:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".npy")
+    if not files:
+        raise DataError(f"{what} {folder}: is a folder without .npy shards")
+    parts = [load_array(f, what=f"{what} shard") for f in files]
+    first = parts[0]
+    for f, p in zip(files[1:], parts[1:], strict=True):
+        if p.shape[1:] != first.shape[1:] or p.dtype != first.dtype:
+            raise DataError(f"{what} shard {f}: samples of shape {p.shape[1:]} and dtype {p.dtype}, but "
+                            f"{files[0].name} has {first.shape[1:]} and {first.dtype}")
+    return Shards(parts, [f.name for f in files])
+
+
 def _check_file(path: Path, what: str) -> None:
     if not path.exists():
         raise DataError(f"{what} {path}: file not found")
     if path.is_dir():
-        raise DataError(f"{what} {path}: is a folder; expected one of {', '.join(FORMATS)}")
+        raise DataError(f"{what} {path}: is a folder; expected .npy shards or one of {', '.join(FORMATS)}")
     if path.suffix.lower() not in FORMATS:
         raise DataError(f"{what} {path}: unsupported format '{path.suffix}'; use {', '.join(FORMATS)}")
     try:
@@ -58,6 +112,8 @@ def load_array(path: str | Path, *, what: str = "--data", key: str | None = None
     an `.npz` holding several. Pickled objects are never loaded.
     """
     path = Path(path)
+    if path.is_dir():
+        return open_shards(path, what)  # type: ignore[return-value]
     _check_file(path, what)
     suffix = path.suffix.lower()
     try:
@@ -79,7 +135,7 @@ def load_array(path: str | Path, *, what: str = "--data", key: str | None = None
     except (ValueError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         kind = suffix.lstrip(".")
         raise DataError(f"{what} {path}: not a valid .{kind} array file ({e})") from None
-    if not isinstance(arr, np.ndarray):
+    if not isinstance(arr, (np.ndarray, Shards)):
         raise DataError(f"{what} {path}: does not hold an array")
     if arr.dtype.kind not in "biuf":
         raise DataError(f"{what} {path}: holds {arr.dtype} values; expected numbers")
@@ -122,6 +178,21 @@ def fit_shape(
     raise DataError(f"{what} {path}: samples have shape {got} but the teacher expects {want}")
 
 
+def open_inputs(
+    path: str | Path,
+    sample_shape: tuple[int | None, ...] | None,
+    *,
+    what: str = "--data",
+    key: str | None = None,
+) -> np.ndarray:
+    """Open and check (non-empty, finite, right shape) inputs without reading them whole: a memory map
+    or `Shards` for .npy files and folders. Rows are converted to float32 where they are used."""
+    arr = load_array(path, what=what, key=key)
+    arr = fit_shape(arr, sample_shape, path, what)
+    check_finite(arr, path, what)
+    return arr
+
+
 def load_inputs(
     path: str | Path,
     sample_shape: tuple[int | None, ...] | None,
@@ -130,10 +201,8 @@ def load_inputs(
     key: str | None = None,
 ) -> np.ndarray:
     """Load, check (non-empty, finite, right shape) and return float32 inputs held in memory."""
-    arr = load_array(path, what=what, key=key)
-    arr = fit_shape(arr, sample_shape, path, what)
-    check_finite(arr, path, what)
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    arr = open_inputs(path, sample_shape, what=what, key=key)
+    return np.ascontiguousarray(arr[0 : len(arr)], dtype=np.float32)
 
 
 def load_labels(path: str | Path, n_samples: int, *, what: str = "--eval-labels",

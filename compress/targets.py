@@ -1,15 +1,23 @@
 """The logit cache: the teacher's logits over the transfer data, computed once and kept on disk.
 
-The cache is a memory-mapped float32 `.npy` (N, C) written under a temporary name and renamed when
-complete, with a JSON sidecar holding its key: each teacher file and the data file by resolved path,
-size and modification time, plus the chosen output. A later run with the same key (another width or
-rank, say) reuses the file instead of running the teacher again.
+The cache is a float32 `.npy` (N, C). It is filled chunk by chunk in a memory-mapped `.<name>.partial`
+file; after each chunk the rows are flushed to disk and only then is the count of finished rows
+committed (atomically) to `.<name>.progress.json`. A run killed at any point (kill -9 included) is
+continued by the same command from the last committed chunk; chunk boundaries do not move between
+runs, so the result equals an uninterrupted run's bit for bit. The final name appears only when the
+file is complete.
+
+The cache's key, in `<name>.json` beside it: each teacher file and the data (file, or every shard of
+a folder) by resolved path, size and modification time (not a content hash: hashing a transfer set
+larger than memory would cost a full read), the chosen output, and the sample count. A run with the
+same key reuses the file: `distill` with another width or rank never runs the teacher again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +26,26 @@ import numpy as np
 from compress.atomic import atomic_path
 from compress.teachers import Progress, Teacher
 
+CHUNK_ROWS = 16_384  # rows per committed chunk, rounded up to whole teacher batches
+
 
 def file_key(path: str | Path) -> dict[str, Any]:
     st = Path(path).stat()
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def data_key(path: str | Path) -> list[dict[str, Any]] | dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        return [file_key(p) for p in sorted(path.iterdir()) if p.suffix.lower() == ".npy"]
+    return file_key(path)
+
+
 def cache_key(teacher_paths: list[str | Path], data_path: str | Path | None, output: str,
               n: int) -> dict[str, Any]:
     return {
         "teachers": [file_key(p) for p in teacher_paths],
-        "data": file_key(data_path) if data_path is not None else None,
+        "data": data_key(data_path) if data_path is not None else None,
         "output": output,
         "samples": n,
     }
@@ -36,6 +53,10 @@ def cache_key(teacher_paths: list[str | Path], data_path: str | Path | None, out
 
 def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
+
+
+def _partial(path: Path) -> tuple[Path, Path]:
+    return path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.progress.json")
 
 
 def load_cached(path: str | Path, key: dict[str, Any]) -> np.ndarray | None:
@@ -53,24 +74,63 @@ def load_cached(path: str | Path, key: dict[str, Any]) -> np.ndarray | None:
     return z if z.ndim == 2 and z.shape[0] == key["samples"] else None
 
 
-def compute_targets(teacher: Teacher, x: np.ndarray, path: str | Path, key: dict[str, Any] | None,
+def _write_json(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _resume(partial: Path, state_path: Path, key: Any, shape: tuple[int, int]) -> tuple[Any, int]:
+    """(memory map, rows already done): the partial file when it belongs to this run, else a new one."""
+    if partial.exists() and state_path.exists():
+        try:
+            state = json.loads(state_path.read_text())
+            if state["key"] == key and tuple(state["shape"]) == shape:
+                return np.lib.format.open_memmap(partial, mode="r+"), int(state["done"])
+        except (OSError, ValueError, KeyError):
+            pass
+    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+    _write_json(state_path, {"key": key, "shape": list(shape), "done": 0})
+    return out, 0
+
+
+def compute_targets(teacher: Teacher, x: Any, path: str | Path, key: dict[str, Any] | None,
                     batch_size: int = 1024, progress: Progress | None = None) -> np.ndarray:
-    """Run the teacher over x in batches, writing its logits to `path`; returns them memory-mapped."""
+    """Run the teacher over x (an array, memory map or `Shards`) chunk by chunk into `path`,
+    resuming an interrupted run with the same key; returns the logits memory-mapped."""
     path = Path(path)
-    first = teacher.logits(x[:1])  # the class count, and a cheap check that the teacher runs
-    n, c = x.shape[0], first.shape[1]
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, c))
-        for start in range(0, n, batch_size * 16):
-            stop = min(n, start + batch_size * 16)
-            out[start:stop] = teacher.logits(x[start:stop], batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    first = teacher.logits(np.asarray(x[0:1], dtype=np.float32))  # class count; fixes the output kind
+    n, c = len(x), first.shape[1]
+    partial, state_path = _partial(path)
+    out, done = _resume(partial, state_path, key, (n, c))
+    step = teacher.signature.batch or batch_size
+    chunk = step * max(1, -(-CHUNK_ROWS // step))  # whole batches, so padding only ever ends the data
+    starts = list(range(done, n, chunk))
+
+    def read(start: int) -> np.ndarray:  # runs in a thread, overlapping the teacher's work
+        return np.ascontiguousarray(x[start : min(n, start + chunk)], dtype=np.float32)
+
+    if progress:
+        progress(done, n)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, starts[0]) if starts else None
+        for i, start in enumerate(starts):
+            assert pending is not None
+            rows = pending.result()
+            pending = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
+            stop = start + rows.shape[0]
+            out[start:stop] = teacher.logits(rows, batch_size)
+            out.flush()  # the rows reach the disk before the progress that counts them
+            _write_json(state_path, {"key": key, "shape": [n, c], "done": stop})
             if progress:
                 progress(stop, n)
-        out.flush()
-        del out
+    del out
+    os.replace(partial, path)
     if key is not None:
-        with atomic_path(_sidecar(path)) as tmp, open(tmp, "w") as f:
-            json.dump(key, f, indent=1)
+        _write_json(_sidecar(path), key)
     elif _sidecar(path).exists():
         os.remove(_sidecar(path))
+    state_path.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r", allow_pickle=False)

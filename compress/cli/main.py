@@ -234,12 +234,12 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
         raise click.BadParameter(f"{out_path} must end in .npy", param_hint="--out")
     teacher = load_teacher(list(teachers), output=output, device=device, arch=arch,
                            trust_pickle=trust_pickle)
-    x = data_mod.load_inputs(data, teacher.signature.sample_shape, key=key)
+    x = data_mod.open_inputs(data, teacher.signature.sample_shape, key=key)  # read chunk by chunk
     key_ = cache_key(list(teachers), data, teacher.signature.output_name, x.shape[0])
     with ProgressView() as view:
         z = compute_targets(teacher, x, out_path, key_, batch_size,
                             lambda done, n: view.update("targets", {"done": done, "total": n}))
-    click.echo(f"{out_path}: {z.shape[0]} x {z.shape[1]} logits")
+    click.echo(f"{out_path}: {z.shape[0]} x {z.shape[1]} logits ({teacher.output_kind})")
 
 
 @cli.command()

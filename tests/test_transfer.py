@@ -1,0 +1,166 @@
+"""Issue 4: shard folders, bounded memory while labelling, and a logit cache that survives kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from compress import targets as targets_mod
+from compress.cli import cli
+from compress.data import load_inputs, open_inputs
+from compress.errors import DataError
+from compress.teachers import load_teacher
+from tests.test_teachers import linear_onnx
+
+
+def rows(n: int, d: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+@pytest.fixture
+def linear_teacher(tmp_path):
+    rng = np.random.default_rng(1)
+    return linear_onnx(tmp_path / "lin.onnx", rng.standard_normal((64, 10)), rng.standard_normal(10))
+
+
+def test_shard_folder_reads_as_one_array(tmp_path):
+    x = rows(1000)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i, (a, b) in enumerate([(0, 300), (300, 301), (301, 1000)]):
+        np.save(folder / f"part-{i:03d}.npy", x[a:b])
+    (folder / "README.txt").write_text("not a shard")
+    s = open_inputs(folder, (64,))
+    assert s.shape == (1000, 64) and len(s) == 1000
+    np.testing.assert_array_equal(s[250:700], x[250:700])
+    idx = np.array([999, 0, 300, 299, 301])
+    np.testing.assert_array_equal(s[idx], x[idx])
+    np.testing.assert_array_equal(load_inputs(folder, (64,)), x)
+    assert open_inputs(folder, (8, 8)).shape == (1000, 8, 8)  # flat shards reshaped like flat files
+
+
+@pytest.mark.parametrize("bad,needle", [(np.zeros((5, 63), np.float32), "(63,)"),
+                                        (np.zeros((5, 64), np.float64), "float64"),
+                                        (np.full((5, 64), np.nan, np.float32), "NaN")])
+def test_bad_shard_is_named(tmp_path, linear_teacher, bad, needle):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    np.save(folder / "a.npy", rows(10))
+    np.save(folder / "b.npy", bad)
+    result = CliRunner().invoke(cli, ["targets", str(linear_teacher), "--data", str(folder), "--out",
+                                      str(tmp_path / "z.npy")])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and needle in line
+    assert "b.npy" in line or "NaN" in line
+    with pytest.raises(DataError):
+        open_inputs(folder, (64,))
+
+
+class Crashing:
+    """A teacher that dies after `after` calls, like a process killed mid-run."""
+
+    def __init__(self, teacher, after: int):
+        self.teacher, self.after, self.calls, self.rows = teacher, after, 0, 0
+        self.signature, self.name = teacher.signature, teacher.name
+
+    def logits(self, x, batch_size=1024, progress=None):
+        self.calls += 1
+        if self.calls > self.after:
+            raise KeyboardInterrupt
+        self.rows += len(x)
+        return self.teacher.logits(x, batch_size)
+
+
+def test_resume_continues_from_the_last_committed_chunk(tmp_path, linear_teacher, monkeypatch):
+    monkeypatch.setattr(targets_mod, "CHUNK_ROWS", 1000)
+    x, key = rows(10_500), {"k": 1}
+    full = targets_mod.compute_targets(load_teacher([linear_teacher]), x, tmp_path / "full.npy", key, 100)
+    out = tmp_path / "z.npy"
+    crashing = Crashing(load_teacher([linear_teacher]), after=4)  # the probe, then 3 chunks
+    with pytest.raises(KeyboardInterrupt):
+        targets_mod.compute_targets(crashing, x, out, key, 100)
+    assert not out.exists()  # no final name until complete
+    state = json.loads((tmp_path / ".z.npy.progress.json").read_text())
+    assert state["done"] == 3000
+    again = Crashing(load_teacher([linear_teacher]), after=10**6)
+    z = targets_mod.compute_targets(again, x, out, key, 100)
+    assert again.rows == 1 + 10_500 - 3000  # the probe, then only what was missing
+    np.testing.assert_array_equal(z, full)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".z")) == []
+    other = Crashing(load_teacher([linear_teacher]), after=10**6)  # another key starts afresh
+    (tmp_path / ".z.npy.partial").write_bytes(b"junk")
+    targets_mod.compute_targets(other, x, tmp_path / "y.npy", {"k": 2}, 100)
+    assert other.rows == 1 + 10_500
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, digits_files):
+    x = np.tile(np.load(digits_files["x"]), (150, 1))  # 180,000 digit images
+    np.save(tmp_path / "x.npy", x)
+    args = [sys.executable, "-m", "compress", "targets", str(digits_files["teacher"]), "--data",
+            str(tmp_path / "x.npy"), "--batch-size", "256"]
+    subprocess.run([*args, "--out", str(tmp_path / "full.npy")], check=True, capture_output=True)
+    out, state = tmp_path / "z.npy", tmp_path / ".z.npy.progress.json"
+    proc = subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    killed_at = None
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = json.loads(state.read_text())["done"]
+        except (OSError, ValueError):
+            done = 0
+        if done >= 2 * targets_mod.CHUNK_ROWS:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_at = done
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed_at is not None and killed_at < len(x), "the run ended before it could be killed"
+    assert not out.exists()
+    subprocess.run([*args, "--out", str(out)], check=True, capture_output=True)
+    np.testing.assert_array_equal(np.load(out), np.load(tmp_path / "full.npy"))
+    assert not state.exists()
+
+
+def _peak_rss_anon(cmd: list[str]) -> int:
+    """Peak RssAnon (kB) of a command, sampled from /proc every few milliseconds."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak = max(peak, int(line.split()[1]))
+        except OSError:
+            pass
+        time.sleep(0.003)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    return peak
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_labelling_memory_is_bounded(tmp_path, linear_teacher):
+    big = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32,
+                                    shape=(1_600_000, 64))  # 410 MB
+    for i in range(0, big.shape[0], 200_000):
+        big[i : i + 200_000] = rows(200_000, seed=i)
+    big.flush()
+    del big
+    np.save(tmp_path / "small.npy", rows(1000))
+    cmd = [sys.executable, "-m", "compress", "targets", str(linear_teacher), "--out"]
+    base = _peak_rss_anon([*cmd, str(tmp_path / "zs.npy"), "--data", str(tmp_path / "small.npy")])
+    peak = _peak_rss_anon([*cmd, str(tmp_path / "zb.npy"), "--data", str(tmp_path / "big.npy")])
+    size_kb = 1_600_000 * 64 * 4 // 1024
+    assert peak - base < size_kb / 8, (base, peak, size_kb)  # far below the data's 400 MB
+    z = np.load(tmp_path / "zb.npy", mmap_mode="r")
+    assert z.shape == (1_600_000, 10)
