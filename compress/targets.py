@@ -1,11 +1,11 @@
 """The logit cache: the teacher's logits over the transfer data, computed once and kept on disk.
 
 The cache is a float32 `.npy` (N, C). It is filled chunk by chunk in a memory-mapped `.<name>.partial`
-file; after each chunk the rows are flushed to disk and only then is the count of finished rows
-committed (atomically) to `.<name>.progress.json`. A run killed at any point (kill -9 included) is
-continued by the same command from the last committed chunk; chunk boundaries do not move between
-runs, so the result equals an uninterrupted run's bit for bit. The final name appears only when the
-file is complete.
+file; at most every COMMIT_SECONDS (and at the end) the finished rows are flushed to disk and only
+then is their count committed (atomically) to `.<name>.progress.json`. A run killed at any point
+(kill -9 included) is continued by the same command from the last committed chunk; chunk boundaries
+do not move between runs, so the result equals an uninterrupted run's bit for bit. The final name
+appears only when the file is complete.
 
 The cache's key, in `<name>.json` beside it: each teacher file and the data (file, or every shard of
 a folder) by resolved path, size and modification time (not a content hash: hashing a transfer set
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ import numpy as np
 from compress.atomic import atomic_path
 from compress.teachers import Progress, Teacher
 
-CHUNK_ROWS = 16_384  # rows per committed chunk, rounded up to whole teacher batches
+CHUNK_ROWS = 16_384  # rows per chunk, rounded up to whole teacher batches
+COMMIT_SECONDS = 0.25  # commit finished chunks at most this often (a commit is a flush and an fsync)
 
 
 def file_key(path: str | Path) -> dict[str, Any]:
@@ -114,6 +116,7 @@ def compute_targets(teacher: Teacher, x: Any, path: str | Path, key: dict[str, A
 
     if progress:
         progress(done, n)
+    last_commit = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(read, starts[0]) if starts else None
         for i, start in enumerate(starts):
@@ -122,8 +125,10 @@ def compute_targets(teacher: Teacher, x: Any, path: str | Path, key: dict[str, A
             pending = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
             stop = start + rows.shape[0]
             out[start:stop] = teacher.logits(rows, batch_size)
-            out.flush()  # the rows reach the disk before the progress that counts them
-            _write_json(state_path, {"key": key, "shape": [n, c], "done": stop})
+            if stop == n or time.perf_counter() - last_commit >= COMMIT_SECONDS:
+                out.flush()  # the rows reach the disk before the progress that counts them
+                _write_json(state_path, {"key": key, "shape": [n, c], "done": stop})
+                last_commit = time.perf_counter()
             if progress:
                 progress(stop, n)
     del out
