@@ -45,6 +45,7 @@ class DistillOptions:
     min_agreement: float = 0.99  # of each extra export with the fp32 student, on held-out inputs
     quantize: str = "weights"  # int8 method: "weights", "dynamic" or "static" (see exporters/quantize)
     latency_budget_s: float = 1.0  # timing per model and batch size (--bench-seconds)
+    augment: str | None = None  # "munge:20", "noise:5", "mixup:4": synthetic transfer data
 
 
 def default_rank(input_dim: int) -> int:
@@ -115,6 +116,9 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
             raise ConfigError(f"--precision: {p} is not one of {', '.join(PRECISIONS)}")
     if not 0.0 <= opts.min_agreement <= 1.0:
         raise ConfigError(f"--min-agreement: must be between 0 and 1, got {opts.min_agreement}")
+    from compress.augment import parse_augment
+
+    augment = parse_augment(opts.augment)
     if eval_labels is not None and eval_data is None:
         raise ConfigError("--eval-labels: needs --eval-data (the inputs those labels belong to)")
     opts.fit.validate()
@@ -153,9 +157,29 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     z = np.asarray(z)
     if not np.isfinite(z).all():
         raise TeacherError(f"TEACHER {teacher.name}: gave NaN or inf logits on the transfer data")
+    x_train, z_train = x[train_idx], z[train_idx]
+
+    # 2b. synthetic transfer data from the training part (never the held-out part), labelled likewise
+    n_synthetic = 0
+    if augment is not None:
+        from compress.augment import generate
+
+        method, factor = augment
+        tag = f"{method}{factor}_seed{opts.fit.seed}"
+        x_syn = generate(x_train, method, factor, out / f"augmented_{tag}.npy", opts.fit.seed,
+                         lambda done, n: say("augment", done=done, total=n))
+        syn_key = {**key, "augment": tag, "samples": int(len(x_syn))}
+        z_syn = load_cached(out / f"targets_{tag}.npy", syn_key)
+        if z_syn is None:
+            z_syn = compute_targets(teacher, x_syn, out / f"targets_{tag}.npy", syn_key,
+                                    opts.teacher_batch_size,
+                                    lambda done, n: say("targets", done=done, total=n))
+        x_train = np.concatenate([x_train, np.asarray(x_syn)])
+        z_train = np.concatenate([z_train, np.asarray(z_syn)])
+        n_synthetic = len(x_syn)
 
     # 3. fit on the training part, score on the held-out part
-    result = fit(x[train_idx], z[train_idx], x[val_idx], z[val_idx], cfg, opts.fit,
+    result = fit(x_train, z_train, x[val_idx], z[val_idx], cfg, opts.fit,
                  lambda info: say("fit", **info))
 
     # 4. keep the student: weights, then the validated ONNX files. Its interface is the teacher's,
@@ -205,7 +229,7 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
             "seconds": result.seconds,
             "samples_per_second": result.samples_per_second,
             "device": result.device,
-            "samples": int(train_idx.size),
+            "samples": int(len(x_train)),
             "batch_size": opts.fit.batch_size,
             "lr": opts.fit.lr,
             "loss": opts.fit.loss,
@@ -213,6 +237,8 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
             "history": result.history,
         },
         "transfer": {"samples": int(x.shape[0]), "holdout": int(val_idx.size),
+                     "real_train": int(train_idx.size), "synthetic": n_synthetic,
+                     "augment": opts.augment or None,
                      "targets_cached": cached, "targets_path": str(cache.resolve())},
         "eval": {"source": source, "samples": int(xc.shape[0]), "labels": y_eval is not None},
         "latency_provider": student.session.get_providers()[0],

@@ -182,6 +182,8 @@ def _emit(report: dict[str, Any], as_json: bool) -> None:
 @click.option("--key", default=None, help="Array name inside .npz files.")
 @_fit_options
 @_export_options(multiple=True)
+@click.option("--augment", default=None, metavar="METHOD:FACTOR",
+              help="Add synthetic transfer data: munge, noise or mixup, times FACTOR (e.g. munge:20).")
 @click.option("--bench-seconds", type=float, default=1.0, show_default=True,
               help="Latency timing budget per model and batch size.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
@@ -189,7 +191,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
             out_dir: Path, output: str | None, arch: str | None, trust_pickle: bool, key: str | None,
             width: int, rank: int | None, epochs: int | None, batch_size: int, lr: float, loss: str,
             temperature: float, device: str, seed: int, precision: str, min_agreement: float,
-            quantize: str, bench_seconds: float, as_json: bool) -> None:
+            quantize: str, augment: str | None, bench_seconds: float, as_json: bool) -> None:
     """Distill TEACHER (several: their ensemble) into a wide, shallow student.
 
     Writes student.onnx, student.pt, report.json and report.md into --out.
@@ -201,7 +203,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
     opts = DistillOptions(
         width=width, rank=rank, out_dir=str(out_dir), output=output, key=key,
         precisions=_precisions(precision), min_agreement=min_agreement, quantize=quantize,
-        arch=arch, trust_pickle=trust_pickle, latency_budget_s=bench_seconds,
+        arch=arch, trust_pickle=trust_pickle, latency_budget_s=bench_seconds, augment=augment,
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                       temperature=temperature, device=device, seed=seed),
     )

@@ -10,7 +10,8 @@ from rich.table import Table
 
 console = Console(stderr=True)
 
-_LABELS = {"targets": "teacher", "fit": "fit", "export": "export", "compare": "compare"}
+_LABELS = {"targets": "teacher", "targets ": "teacher+", "augment": "augment", "fit": "fit",
+           "export": "export", "compare": "compare"}
 
 
 class ProgressView:
@@ -21,6 +22,7 @@ class ProgressView:
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                                  console=console, transient=False)
         self.tasks: dict[str, TaskID] = {}
+        self.totals: dict[str, int] = {}
 
     def __enter__(self) -> ProgressView:
         self.progress.start()
@@ -36,7 +38,10 @@ class ProgressView:
         return self.tasks[stage]
 
     def update(self, stage: str, info: dict[str, Any]) -> None:
-        if stage == "targets":
+        if stage in ("targets", "augment"):
+            if self.totals.get(stage, info["total"]) != info["total"]:
+                stage = f"{stage} "  # a second pass (the synthetic samples): a bar of its own
+            self.totals.setdefault(stage, info["total"])
             t = self._task(stage, info["total"])
             self.progress.update(t, completed=info["done"], info=f"{info['done']:,}/{info['total']:,}")
         elif stage == "fit":
