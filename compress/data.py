@@ -60,6 +60,22 @@ class Shards:
         return out
 
 
+class Rows:
+    """Some rows of an array-like (memory map, `Shards`), by sorted index, read only when sliced:
+    the training part of a transfer set too large to copy."""
+
+    def __init__(self, base: np.ndarray | Shards, idx: np.ndarray):
+        self.base, self.idx = base, np.asarray(idx)
+        self.shape = (int(self.idx.size), *base.shape[1:])
+        self.dtype, self.ndim = base.dtype, base.ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.asarray(self.base[self.idx[rows]])
+
+
 def open_shards(folder: Path, what: str) -> Shards:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".npy")
     if not files:

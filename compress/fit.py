@@ -119,10 +119,27 @@ def _fold(model: nn.Sequential, mu: np.ndarray, sd: np.ndarray, z_mean: np.ndarr
         out.bias.copy_(out.bias.double() * z_scale + torch.from_numpy(z_mean).double())
 
 
-def fit(x_train: np.ndarray, z_train: np.ndarray, x_val: np.ndarray, z_val: np.ndarray,
+def _moments(x: Any, d: int, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and sd of x viewed as (N, d), read in chunks of rows (float64 sums)."""
+    n = len(x)
+    s1, s2 = np.zeros(d), np.zeros(d)
+    for a in range(0, n, chunk):
+        b = np.asarray(x[a : a + chunk], dtype=np.float64).reshape(-1, d)
+        s1 += b.sum(axis=0)
+        s2 += (b * b).sum(axis=0)
+    mean = s1 / n
+    return mean, np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
+
+
+def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
         cfg: StudentConfig, fit_cfg: FitConfig = FitConfig(),
-        progress: FitProgress | None = None) -> FitResult:
-    """Train a student on (inputs, teacher logits); score on the held-out pair every epoch."""
+        progress: FitProgress | None = None, stream_rows: int | None = None) -> FitResult:
+    """Train a student on (inputs, teacher logits); score on the held-out pair every epoch.
+
+    By default the training set is held in memory as tensors. With `stream_rows`, x_train and
+    z_train may be anything sliceable by rows (a memory map, `Shards`, `Rows`): each epoch reads
+    blocks of that many rows in a shuffled order and shuffles the rows within each block, so memory
+    holds one block at a time."""
     import torch
 
     fit_cfg.validate()
@@ -131,20 +148,19 @@ def fit(x_train: np.ndarray, z_train: np.ndarray, x_val: np.ndarray, z_val: np.n
     torch.manual_seed(fit_cfg.seed)
     gen = torch.Generator(device="cpu").manual_seed(fit_cfg.seed)
 
-    n, d = x_train.shape[0], cfg.input_dim
-    xf = x_train.reshape(n, d)  # (N, D)
-    mu = xf.mean(axis=0, dtype=np.float64)
-    sd = xf.std(axis=0, dtype=np.float64)
+    n, d = len(x_train), cfg.input_dim
+    mu, sd = _moments(x_train, d)
     sd[sd < 1e-8] = 1.0  # constant features: leave unscaled
-    z_mean = z_train.mean(axis=0, dtype=np.float64)  # (C,)
-    z_scale = float(np.sqrt(((z_train - z_mean) ** 2).mean())) or 1.0
+    z_mean, z_sd = _moments(z_train, z_train.shape[1])  # (C,)
+    z_scale = float(np.sqrt((z_sd**2).mean())) or 1.0
 
     def prep(x: np.ndarray, z: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         xs = ((x.reshape(x.shape[0], d) - mu) / sd).astype(np.float32)
         zs = ((z - z_mean) / z_scale).astype(np.float32)
         return torch.from_numpy(xs).to(device), torch.from_numpy(zs).to(device)
 
-    xt, zt = prep(x_train, z_train)
+    bounds = [(a, min(n, a + (stream_rows or n))) for a in range(0, n, stream_rows or n)]
+    resident = None if stream_rows else prep(np.asarray(x_train), np.asarray(z_train))  # one block
     xv, zv = prep(x_val, z_val)
     teacher_top = zv.argmax(dim=1)
 
@@ -152,7 +168,7 @@ def fit(x_train: np.ndarray, z_train: np.ndarray, x_val: np.ndarray, z_val: np.n
     opt = torch.optim.AdamW(model.parameters(), lr=fit_cfg.lr, weight_decay=fit_cfg.weight_decay,
                             **({"fused": True} if device.type == "cuda" else {}))
     bs = min(fit_cfg.batch_size, n)
-    steps_per_epoch = math.ceil(n / bs)
+    steps_per_epoch = sum(math.ceil((b - a) / bs) for a, b in bounds)
     epochs = fit_cfg.epochs or auto_epochs(n, bs)
     total = epochs * steps_per_epoch
     warm = max(1, int(0.03 * total))
@@ -177,24 +193,29 @@ def fit(x_train: np.ndarray, z_train: np.ndarray, x_val: np.ndarray, z_val: np.n
     best = (math.inf, 0, copy.deepcopy(model.state_dict()))
     seen, t0, last_report = 0, time.perf_counter(), 0.0
     model.train()
+    step = 0
     for epoch in range(1, epochs + 1):
-        perm = torch.randperm(n, generator=gen).to(device)
         running = torch.zeros((), device=device)
-        for step in range(steps_per_epoch):
-            idx = perm[step * bs : (step + 1) * bs]
-            with autocast:
-                loss = loss_fn(model(xt[idx]).float(), zt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running += loss.detach()
-            seen += idx.shape[0]
-            now = time.perf_counter()
-            if progress and now - last_report > 0.25:
-                last_report = now
-                progress({"epoch": epoch, "epochs": epochs, "step": (epoch - 1) * steps_per_epoch
-                          + step + 1, "steps": total, "samples_per_second": seen / (now - t0)})
+        for k in torch.randperm(len(bounds), generator=gen).tolist():
+            a, b = bounds[k]
+            xt, zt = resident or prep(np.asarray(x_train[a:b]), np.asarray(z_train[a:b]))
+            perm = torch.randperm(b - a, generator=gen).to(device)
+            for i in range(0, b - a, bs):
+                idx = perm[i : i + bs]
+                with autocast:
+                    loss = loss_fn(model(xt[idx]).float(), zt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                running += loss.detach()
+                seen += idx.shape[0]
+                step += 1
+                now = time.perf_counter()
+                if progress and now - last_report > 0.25:
+                    last_report = now
+                    progress({"epoch": epoch, "epochs": epochs, "step": step, "steps": total,
+                              "samples_per_second": seen / (now - t0)})
         val_loss, agreement = evaluate()
         train_loss = float(running) / steps_per_epoch * (z_scale**2 if fit_cfg.loss == "l2" else 1)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class DistillOptions:
     quantize: str = "weights"  # int8 method: "weights", "dynamic" or "static" (see exporters/quantize)
     latency_budget_s: float = 1.0  # timing per model and batch size (--bench-seconds)
     augment: str | None = None  # "munge:20", "noise:5", "mixup:4": synthetic transfer data
+    memory_budget: int | None = None  # bytes of training data held in memory; None: a quarter of RAM
 
 
 def default_rank(input_dim: int) -> int:
@@ -78,6 +80,14 @@ def holdout_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def default_memory_budget() -> int:
+    """A quarter of physical memory (8 GiB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
 
 
 def write_plot(report: dict[str, Any], path: Path) -> str | None:
@@ -128,7 +138,7 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     teacher = load_teacher(list(teachers), output=opts.output, device=opts.fit.device, arch=opts.arch,
                            trust_pickle=opts.trust_pickle)
     sig = teacher.signature
-    x = data_mod.load_inputs(data, sig.sample_shape, what="--data", key=opts.key)
+    x = data_mod.open_inputs(data, sig.sample_shape, what="--data", key=opts.key)  # not read yet
     sample_shape = tuple(int(v) for v in x.shape[1:])
     x_eval = y_eval = None
     if eval_data is not None:
@@ -136,8 +146,18 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
         if eval_labels is not None:
             y_eval = data_mod.load_labels(eval_labels, x_eval.shape[0])
     train_idx, val_idx = holdout_split(x.shape[0], opts.fit.seed)
-    probe = teacher.logits(x[:1])  # runs the teacher once: the class count, and that it runs
+    probe = teacher.logits(np.asarray(x[0:1], dtype=np.float32))  # the class count; that it runs
     cfg = student_config(sample_shape, probe.shape[1], opts.width, opts.rank)
+    budget = opts.memory_budget or default_memory_budget()
+    row_bytes = 4 * (cfg.input_dim + cfg.num_classes)  # float32 inputs and logits
+    factor = augment[1] if augment else 1
+    streamed = len(x) * factor * row_bytes > budget
+    if streamed and augment:
+        raise ConfigError(f"--augment: the augmented training set ({len(x) * factor * row_bytes / 2**30:.1f} "
+                          f"GiB) does not fit the memory budget ({budget / 2**30:.1f} GiB); use a smaller "
+                          "factor, or no --augment with a transfer set this large")
+    if not streamed:
+        x = np.ascontiguousarray(x[0 : len(x)], dtype=np.float32)  # in memory: faster to train on
     if y_eval is not None and y_eval.max() >= cfg.num_classes:
         raise DataError(f"--eval-labels {eval_labels}: has class {int(y_eval.max())} but the teacher "
                         f"gives {cfg.num_classes} classes")
@@ -154,10 +174,15 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     if z is None:
         z = compute_targets(teacher, x, cache, key, opts.teacher_batch_size,
                             lambda done, n: say("targets", done=done, total=n))
-    z = np.asarray(z)
-    if not np.isfinite(z).all():
-        raise TeacherError(f"TEACHER {teacher.name}: gave NaN or inf logits on the transfer data")
-    x_train, z_train = x[train_idx], z[train_idx]
+    try:
+        data_mod.check_finite(z, cache, what="TEACHER logits")
+    except DataError:
+        raise TeacherError(f"TEACHER {teacher.name}: gave NaN or inf logits on the transfer data") from None
+    if streamed:
+        x_train, z_train = data_mod.Rows(x, train_idx), data_mod.Rows(z, train_idx)
+    else:
+        z = np.asarray(z)
+        x_train, z_train = x[train_idx], z[train_idx]
 
     # 2b. synthetic transfer data from the training part (never the held-out part), labelled likewise
     n_synthetic = 0
@@ -179,19 +204,22 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
         n_synthetic = len(x_syn)
 
     # 3. fit on the training part, score on the held-out part
-    result = fit(x_train, z_train, x[val_idx], z[val_idx], cfg, opts.fit,
-                 lambda info: say("fit", **info))
+    x_val = np.asarray(x[val_idx], dtype=np.float32)
+    stream_rows = max(opts.fit.batch_size, budget // (2 * row_bytes)) if streamed else None
+    result = fit(x_train, z_train, x_val, np.asarray(z[val_idx]), cfg, opts.fit,
+                 lambda info: say("fit", **info), stream_rows=stream_rows)
 
     # 4. keep the student: weights, then the validated ONNX files. Its interface is the teacher's,
     # with the data's sample shape (a PyTorch teacher records none) and a dynamic batch axis.
     say("export")
     sig = dataclasses.replace(sig, sample_shape=cfg.sample_shape, batch=None)
     meta = {"signature": dataclasses.asdict(sig), "teachers": [str(t) for t in teachers]}
-    save_student(result.model, cfg, str(out / "student.pt"), meta, check_inputs=x[val_idx[:256]])
-    check_x = x_eval if x_eval is not None else x[val_idx]
+    save_student(result.model, cfg, str(out / "student.pt"), meta, check_inputs=x_val[:256])
+    check_x = x_eval if x_eval is not None else x_val
     exp = export_onnx(result.model, cfg, sig, out / "student.onnx", check_x)
     extra = [export_precision(student_to_onnx(result.model, cfg, sig), out / f"student.{p}.onnx", p,
-                              x[val_idx], opts.min_agreement, opts.quantize, x[train_idx[:512]])
+                              x_val, opts.min_agreement, opts.quantize,
+                              np.asarray(x[train_idx[:512]], dtype=np.float32))
              for p in opts.precisions if p != "fp32"]
 
     # 5. compare, with the exported file itself standing for the student
@@ -200,7 +228,7 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
         xc, zt = x_eval, None
         source = f"--eval-data {Path(eval_data).name}"  # type: ignore[arg-type]
     else:
-        xc, zt = x[val_idx], z[val_idx]
+        xc, zt = x_val, np.asarray(z[val_idx])
         source = "the held-out slice of the transfer data"
     student = OnnxTeacher(exp.path, device=opts.fit.device)
     cmp = ev.compare(teacher, student, xc, y_eval, zt, opts.latency_batches, opts.latency_budget_s)
@@ -224,6 +252,7 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
                    "max_abs_diff_fp64": exp.max_abs_diff_fp64, "opset": 17},
         "exports": extra,
         "train": {
+            "streamed": streamed,
             "epochs": result.epochs,
             "best_epoch": result.best_epoch,
             "seconds": result.seconds,

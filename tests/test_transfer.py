@@ -165,3 +165,40 @@ def test_labelling_memory_is_bounded(tmp_path, linear_teacher):
     assert peak - base < size_kb / 8, (base, peak, size_kb)  # far below the data's 400 MB
     z = np.load(tmp_path / "zb.npy", mmap_mode="r")
     assert z.shape == (1_600_000, 10)
+
+
+def test_streamed_training_matches_in_memory(tmp_path, digits_files):
+    f = digits_files
+    base = ["distill", str(f["teacher"]), "--data", str(f["x"]), "--eval-data", str(f["x_test"]),
+            "--eval-labels", str(f["y_test"]), "--width", "1k", "--rank", "32", "--bench-seconds", "0.05",
+            "--json"]
+    mem = json.loads(CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "m")]).stdout)
+    result = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "s"), "--memory-budget", "150K"])
+    assert result.exit_code == 0, result.output
+    streamed = json.loads(result.stdout)
+    assert streamed["train"]["streamed"] is True and mem["train"]["streamed"] is False
+    assert streamed["train"]["samples"] == mem["train"]["samples"] == 1080
+    assert streamed["student"]["accuracy"] >= streamed["teacher"]["accuracy"] - 0.03
+    assert abs(streamed["student"]["accuracy"] - mem["student"]["accuracy"]) <= 0.02
+    bad = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "b"), "--memory-budget", "lots"])
+    assert bad.exit_code == 2 and "--memory-budget" in bad.stderr
+    aug = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "a"), "--memory-budget", "150K",
+                                   "--augment", "noise:5"])
+    assert aug.exit_code == 2 and "memory budget" in aug.stderr
+
+
+@pytest.mark.slow
+def test_streamed_training_memory_is_bounded(tmp_path, linear_teacher):
+    big = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32, shape=(1_600_000, 64))
+    for i in range(0, big.shape[0], 200_000):
+        big[i : i + 200_000] = rows(200_000, seed=i)
+    big.flush()
+    del big
+    np.save(tmp_path / "small.npy", rows(2000))
+    cmd = [sys.executable, "-m", "compress", "distill", str(linear_teacher), "--width", "64", "--rank", "16",
+           "--epochs", "1", "--memory-budget", "32M", "--bench-seconds", "0.05", "--out"]
+    base = _peak_rss_anon([*cmd, str(tmp_path / "s"), "--data", str(tmp_path / "small.npy")])
+    peak = _peak_rss_anon([*cmd, str(tmp_path / "b"), "--data", str(tmp_path / "big.npy")])
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["train"]["streamed"] is True and report["fidelity"]["agreement"] > 0.9
+    assert peak - base < 1_600_000 * 64 * 4 // 1024 / 4, (base, peak)  # a quarter of the data at most

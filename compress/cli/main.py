@@ -33,6 +33,25 @@ class WidthType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class SizeType(click.ParamType):
+    """A size in bytes: 512M, 4G, 1.5G, 65536."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
+        try:
+            size = float(text[:-1] if mult > 1 else text) * mult
+        except ValueError:
+            self.fail(f"'{value}' is not a size; use e.g. 512M or 4G", param, ctx)
+        if size < 1:
+            self.fail(f"'{value}' must be positive", param, ctx)
+        return int(size)
+
+
 class RankType(click.ParamType):
     """A rank: a whole number >= 0, or 'auto'."""
 
@@ -184,6 +203,9 @@ def _emit(report: dict[str, Any], as_json: bool) -> None:
 @_export_options(multiple=True)
 @click.option("--augment", default=None, metavar="METHOD:FACTOR",
               help="Add synthetic transfer data: munge, noise or mixup, times FACTOR (e.g. munge:20).")
+@click.option("--memory-budget", type=SizeType(), default=None,
+              help="Training data held in memory at most (e.g. 4G); larger transfer sets are streamed "
+                   "from disk in blocks [default: a quarter of RAM].")
 @click.option("--bench-seconds", type=float, default=1.0, show_default=True,
               help="Latency timing budget per model and batch size.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
@@ -191,7 +213,8 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
             out_dir: Path, output: str | None, arch: str | None, trust_pickle: bool, key: str | None,
             width: int, rank: int | None, epochs: int | None, batch_size: int, lr: float, loss: str,
             temperature: float, device: str, seed: int, precision: str, min_agreement: float,
-            quantize: str, augment: str | None, bench_seconds: float, as_json: bool) -> None:
+            quantize: str, augment: str | None, memory_budget: int | None, bench_seconds: float,
+            as_json: bool) -> None:
     """Distill TEACHER (several: their ensemble) into a wide, shallow student.
 
     Writes student.onnx, student.pt, report.json and report.md into --out.
@@ -204,6 +227,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
         width=width, rank=rank, out_dir=str(out_dir), output=output, key=key,
         precisions=_precisions(precision), min_agreement=min_agreement, quantize=quantize,
         arch=arch, trust_pickle=trust_pickle, latency_budget_s=bench_seconds, augment=augment,
+        memory_budget=memory_budget,
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                       temperature=temperature, device=device, seed=seed),
     )
