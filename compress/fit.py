@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from compress import checkpoint as ckpt
 from compress.errors import ConfigError
 from compress.student import StudentConfig, build_student
 
@@ -133,13 +134,15 @@ def _moments(x: Any, d: int, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarra
 
 def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
         cfg: StudentConfig, fit_cfg: FitConfig = FitConfig(),
-        progress: FitProgress | None = None, stream_rows: int | None = None) -> FitResult:
+        progress: FitProgress | None = None, stream_rows: int | None = None,
+        checkpoint: str | None = None, resume: bool = False) -> FitResult:
     """Train a student on (inputs, teacher logits); score on the held-out pair every epoch.
 
     By default the training set is held in memory as tensors. With `stream_rows`, x_train and
     z_train may be anything sliceable by rows (a memory map, `Shards`, `Rows`): each epoch reads
     blocks of that many rows in a shuffled order and shuffles the rows within each block, so memory
-    holds one block at a time."""
+    holds one block at a time. With `checkpoint`, the state is saved there after every epoch; with
+    `resume`, a checkpoint of the same run continues where it stopped."""
     import torch
 
     fit_cfg.validate()
@@ -192,9 +195,21 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     history: list[dict[str, float]] = []
     best = (math.inf, 0, copy.deepcopy(model.state_dict()))
     seen, t0, last_report = 0, time.perf_counter(), 0.0
+    step, first_epoch, earlier_seconds = 0, 1, 0.0
+    run = {"student": cfg.to_dict(), "fit": {k: v for k, v in fit_cfg.__dict__.items() if k != "device"},
+           "samples": n, "epochs": epochs, "input_mean": torch.from_numpy(mu),
+           "input_sd": torch.from_numpy(sd)}
+    state = ckpt.load(checkpoint, run) if (checkpoint and resume) else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        best = (state["best_val"], state["best_epoch"], state["best_state"])
+        history, seen, step = state["history"], state["seen"], state["step"]
+        first_epoch, earlier_seconds = state["epoch"] + 1, state["seconds"]
     model.train()
-    step = 0
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         running = torch.zeros((), device=device)
         for k in torch.randperm(len(bounds), generator=gen).tolist():
             a, b = bounds[k]
@@ -222,6 +237,12 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
                         "agreement": agreement})
         if val_loss < best[0]:
             best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
+        if checkpoint:
+            ckpt.save(checkpoint, {"run": run, "epoch": epoch, "model": model.state_dict(),
+                                   "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                   "gen": gen.get_state(), "best_val": best[0], "best_epoch": best[1],
+                                   "best_state": best[2], "history": history, "seen": seen, "step": step,
+                                   "seconds": earlier_seconds + time.perf_counter() - t0})
         if progress:
             now = time.perf_counter()
             progress({"epoch": epoch, "epochs": epochs, "step": epoch * steps_per_epoch,
@@ -229,7 +250,7 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
                       "agreement": agreement})
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    seconds = earlier_seconds + time.perf_counter() - t0
 
     model.load_state_dict(best[2])
     model = model.float().cpu().eval()

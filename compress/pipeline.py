@@ -48,6 +48,7 @@ class DistillOptions:
     latency_budget_s: float = 1.0  # timing per model and batch size (--bench-seconds)
     augment: str | None = None  # "munge:20", "noise:5", "mixup:4": synthetic transfer data
     memory_budget: int | None = None  # bytes of training data held in memory; None: a quarter of RAM
+    resume: bool = False  # continue an interrupted fit from out_dir/checkpoint.pt
 
 
 def default_rank(input_dim: int) -> int:
@@ -206,8 +207,10 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     # 3. fit on the training part, score on the held-out part
     x_val = np.asarray(x[val_idx], dtype=np.float32)
     stream_rows = max(opts.fit.batch_size, budget // (2 * row_bytes)) if streamed else None
+    checkpoint = out / "checkpoint.pt"
     result = fit(x_train, z_train, x_val, np.asarray(z[val_idx]), cfg, opts.fit,
-                 lambda info: say("fit", **info), stream_rows=stream_rows)
+                 lambda info: say("fit", **info), stream_rows=stream_rows,
+                 checkpoint=str(checkpoint), resume=opts.resume)
 
     # 4. keep the student: weights, then the validated ONNX files. Its interface is the teacher's,
     # with the data's sample shape (a PyTorch teacher records none) and a dynamic batch axis.
@@ -272,6 +275,7 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
         "eval": {"source": source, "samples": int(xc.shape[0]), "labels": y_eval is not None},
         "latency_provider": student.session.get_providers()[0],
     }
+    checkpoint.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     plot = write_plot(report, out / "report.png")
     _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     _write_text(out / "report.md", ev.render_markdown(report, plot))

@@ -63,3 +63,30 @@ def test_kl_loss_trains():
 def test_auto_epochs():
     assert auto_epochs(1080, 128) == 300 and auto_epochs(190_000, 128) == 10
     assert auto_epochs(40_000, 128) == 13
+
+
+def test_interrupted_fit_resumes_to_the_same_weights(tmp_path):
+    import pytest
+
+    from compress.errors import ConfigError
+
+    x, z = realizable(600)
+    cfg, fc = StudentConfig((12,), 5, 64, 6), FitConfig(epochs=6)
+    full = fit(x[:500], z[:500], x[500:], z[500:], cfg, fc)
+
+    def stop_after_epoch_3(info):
+        if info.get("epoch") == 3 and "loss" in info:
+            raise KeyboardInterrupt
+
+    ck = str(tmp_path / "checkpoint.pt")
+    with pytest.raises(KeyboardInterrupt):
+        fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, stop_after_epoch_3, checkpoint=ck)
+    resumed = fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, checkpoint=ck, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert resumed.history == full.history
+    with pytest.raises(ConfigError, match="--resume: .* belongs to another run \\(differs in fit\\)"):
+        fit(x[:500], z[:500], x[500:], z[500:], cfg, FitConfig(epochs=6, lr=1e-2), checkpoint=ck, resume=True)
+    with pytest.raises(ConfigError, match="input_mean"):
+        fit(x[:500] + 1, z[:500], x[500:], z[500:], cfg, fc, checkpoint=ck, resume=True)

@@ -206,6 +206,8 @@ def _emit(report: dict[str, Any], as_json: bool) -> None:
 @click.option("--memory-budget", type=SizeType(), default=None,
               help="Training data held in memory at most (e.g. 4G); larger transfer sets are streamed "
                    "from disk in blocks [default: a quarter of RAM].")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from --out/checkpoint.pt (saved after every epoch).")
 @click.option("--bench-seconds", type=float, default=1.0, show_default=True,
               help="Latency timing budget per model and batch size.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
@@ -213,8 +215,8 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
             out_dir: Path, output: str | None, arch: str | None, trust_pickle: bool, key: str | None,
             width: int, rank: int | None, epochs: int | None, batch_size: int, lr: float, loss: str,
             temperature: float, device: str, seed: int, precision: str, min_agreement: float,
-            quantize: str, augment: str | None, memory_budget: int | None, bench_seconds: float,
-            as_json: bool) -> None:
+            quantize: str, augment: str | None, memory_budget: int | None, resume: bool,
+            bench_seconds: float, as_json: bool) -> None:
     """Distill TEACHER (several: their ensemble) into a wide, shallow student.
 
     Writes student.onnx, student.pt, report.json and report.md into --out.
@@ -227,7 +229,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
         width=width, rank=rank, out_dir=str(out_dir), output=output, key=key,
         precisions=_precisions(precision), min_agreement=min_agreement, quantize=quantize,
         arch=arch, trust_pickle=trust_pickle, latency_budget_s=bench_seconds, augment=augment,
-        memory_budget=memory_budget,
+        memory_budget=memory_budget, resume=resume,
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                       temperature=temperature, device=device, seed=seed),
     )
