@@ -15,6 +15,7 @@ by held-out loss is kept.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that FitConfig stays
     from torch import nn
 
 FitProgress = Callable[[dict[str, Any]], None]
+PAD = 16  # class count padded to a multiple of this while training
 
 
 @dataclass(frozen=True)
@@ -167,9 +169,15 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     xv, zv = prep(x_val, z_val)
     teacher_top = zv.argmax(dim=1)
 
-    model = build_student(cfg).to(device)
+    # Trained with the class count padded to a multiple of 16: an odd count such as 183 ran the output
+    # matmul at 180 GFLOP/s against 309 for 192 on the 2-core CPU (GPU tensor cores want it too). Only
+    # the real classes reach the loss; the real-size student is sliced out after training.
+    c_pad = -(-cfg.num_classes // PAD) * PAD
+    model = build_student(dataclasses.replace(cfg, num_classes=c_pad)).to(device)
+    model.relu.inplace = True  # one activation buffer fewer per step
+    real = slice(0, cfg.num_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=fit_cfg.lr, weight_decay=fit_cfg.weight_decay,
-                            **({"fused": True} if device.type == "cuda" else {}))
+                            fused=True)  # one kernel over all parameters, on CPU as on GPU
     bs = min(fit_cfg.batch_size, n)
     steps_per_epoch = sum(math.ceil((b - a) / bs) for a, b in bounds)
     epochs = fit_cfg.epochs or auto_epochs(n, bs)
@@ -185,7 +193,7 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
         loss, agree = 0.0, 0
         with torch.no_grad(), autocast:
             for i in range(0, xv.shape[0], 8192):
-                s = model(xv[i : i + 8192]).float()
+                s = model(xv[i : i + 8192])[:, real].float()
                 loss += float(loss_fn(s, zv[i : i + 8192])) * s.shape[0]
                 agree += int((s.argmax(dim=1) == teacher_top[i : i + 8192]).sum())
         model.train()
@@ -211,6 +219,7 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     model.train()
     for epoch in range(first_epoch, epochs + 1):
         running = torch.zeros((), device=device)
+        epoch_start, epoch_seen = time.perf_counter(), seen
         for k in torch.randperm(len(bounds), generator=gen).tolist():
             a, b = bounds[k]
             xt, zt = resident or prep(np.asarray(x_train[a:b]), np.asarray(z_train[a:b]))
@@ -218,7 +227,7 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
             for i in range(0, b - a, bs):
                 idx = perm[i : i + bs]
                 with autocast:
-                    loss = loss_fn(model(xt[idx]).float(), zt[idx])
+                    loss = loss_fn(model(xt[idx])[:, real].float(), zt[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -231,10 +240,14 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
                     last_report = now
                     progress({"epoch": epoch, "epochs": epochs, "step": step, "steps": total,
                               "samples_per_second": seen / (now - t0)})
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_seconds = time.perf_counter() - epoch_start  # the optimizer steps alone
         val_loss, agreement = evaluate()
         train_loss = float(running) / steps_per_epoch * (z_scale**2 if fit_cfg.loss == "l2" else 1)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                        "agreement": agreement})
+                        "agreement": agreement, "step_seconds": step_seconds,
+                        "step_samples_per_second": (seen - epoch_seen) / step_seconds})
         if val_loss < best[0]:
             best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
         if checkpoint:
@@ -253,7 +266,11 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     seconds = earlier_seconds + time.perf_counter() - t0
 
     model.load_state_dict(best[2])
-    model = model.float().cpu().eval()
+    student = build_student(cfg)
+    state = {k: v.float().cpu() for k, v in model.state_dict().items()}
+    state["out.weight"], state["out.bias"] = state["out.weight"][real], state["out.bias"][real]
+    student.load_state_dict(state)
+    model = student.eval()
     _fold(model, mu, sd, z_mean, z_scale)
     return FitResult(model=model, epochs=epochs, best_epoch=best[1], seconds=seconds,
                      samples_per_second=seen / seconds, device=str(device), history=history)

@@ -85,7 +85,9 @@ def test_interrupted_fit_resumes_to_the_same_weights(tmp_path):
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
-    assert resumed.history == full.history
+    timing = ("step_seconds", "step_samples_per_second")
+    strip = [[{k: v for k, v in h.items() if k not in timing} for h in r.history] for r in (resumed, full)]
+    assert strip[0] == strip[1]
     with pytest.raises(ConfigError, match="--resume: .* belongs to another run \\(differs in fit\\)"):
         fit(x[:500], z[:500], x[500:], z[500:], cfg, FitConfig(epochs=6, lr=1e-2), checkpoint=ck, resume=True)
     with pytest.raises(ConfigError, match="input_mean"):
