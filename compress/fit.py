@@ -69,6 +69,7 @@ class FitResult:
     samples_per_second: float
     device: str
     history: list[dict[str, float]] = field(default_factory=list)
+    world_size: int = 1  # processes that trained it (torchrun)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -137,19 +138,27 @@ def _moments(x: Any, d: int, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarra
 def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
         cfg: StudentConfig, fit_cfg: FitConfig = FitConfig(),
         progress: FitProgress | None = None, stream_rows: int | None = None,
-        checkpoint: str | None = None, resume: bool = False) -> FitResult:
+        checkpoint: str | None = None, resume: bool = False, world: Any = None) -> FitResult:
     """Train a student on (inputs, teacher logits); score on the held-out pair every epoch.
 
     By default the training set is held in memory as tensors. With `stream_rows`, x_train and
     z_train may be anything sliceable by rows (a memory map, `Shards`, `Rows`): each epoch reads
     blocks of that many rows in a shuffled order and shuffles the rows within each block, so memory
     holds one block at a time. With `checkpoint`, the state is saved there after every epoch; with
-    `resume`, a checkpoint of the same run continues where it stopped."""
+    `resume`, a checkpoint of the same run continues where it stopped. Under torchrun (`world` of
+    several ranks) each rank trains on its own equal random shard with DDP; statistics, validation
+    and the best epoch are the same on every rank; only rank 0 writes the checkpoint."""
     import torch
 
     fit_cfg.validate()
     cfg.validate()
     device = resolve_device(fit_cfg.device)
+    ranks, rank = (world.size, world.rank) if world is not None else (1, 0)
+    if ranks > 1 and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    if ranks > 1 and stream_rows:
+        raise ConfigError("--memory-budget: streamed training is not supported under torchrun yet; "
+                          "give a budget the transfer set fits in")
     torch.manual_seed(fit_cfg.seed)
     gen = torch.Generator(device="cpu").manual_seed(fit_cfg.seed)
 
@@ -164,6 +173,10 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
         zs = ((z - z_mean) / z_scale).astype(np.float32)
         return torch.from_numpy(xs).to(device), torch.from_numpy(zs).to(device)
 
+    if ranks > 1:  # an equal random shard per rank: DDP needs the same number of steps everywhere
+        per = n // ranks
+        mine = np.sort(np.random.default_rng(fit_cfg.seed).permutation(n)[rank * per : (rank + 1) * per])
+        x_train, z_train, n = np.asarray(x_train)[mine], np.asarray(z_train)[mine], per
     bounds = [(a, min(n, a + (stream_rows or n))) for a in range(0, n, stream_rows or n)]
     resident = None if stream_rows else prep(np.asarray(x_train), np.asarray(z_train))  # one block
     xv, zv = prep(x_val, z_val)
@@ -176,6 +189,11 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     model = build_student(dataclasses.replace(cfg, num_classes=c_pad)).to(device)
     model.relu.inplace = True  # one activation buffer fewer per step
     real = slice(0, cfg.num_classes)
+    net = model
+    if ranks > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=fit_cfg.lr, weight_decay=fit_cfg.weight_decay,
                             fused=True)  # one kernel over all parameters, on CPU as on GPU
     bs = min(fit_cfg.batch_size, n)
@@ -227,7 +245,7 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
             for i in range(0, b - a, bs):
                 idx = perm[i : i + bs]
                 with autocast:
-                    loss = loss_fn(model(xt[idx])[:, real].float(), zt[idx])
+                    loss = loss_fn(net(xt[idx])[:, real].float(), zt[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -250,7 +268,7 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
                         "step_samples_per_second": (seen - epoch_seen) / step_seconds})
         if val_loss < best[0]:
             best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
-        if checkpoint:
+        if checkpoint and rank == 0:
             ckpt.save(checkpoint, {"run": run, "epoch": epoch, "model": model.state_dict(),
                                    "opt": opt.state_dict(), "sched": sched.state_dict(),
                                    "gen": gen.get_state(), "best_val": best[0], "best_epoch": best[1],
@@ -273,4 +291,5 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     model = student.eval()
     _fold(model, mu, sd, z_mean, z_scale)
     return FitResult(model=model, epochs=epochs, best_epoch=best[1], seconds=seconds,
-                     samples_per_second=seen / seconds, device=str(device), history=history)
+                     samples_per_second=seen * ranks / seconds, device=str(device), history=history,
+                     world_size=ranks)

@@ -105,15 +105,17 @@ def write_plot(report: dict[str, Any], path: Path) -> str | None:
 
 def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions = DistillOptions(),
             eval_data: str | Path | None = None, eval_labels: str | Path | None = None,
-            progress: StageProgress | None = None) -> dict[str, Any]:
+            progress: StageProgress | None = None) -> dict[str, Any] | None:
     """Distill `teachers` (one, or an ensemble) on the transfer data; write the student, its ONNX
-    export and the report into `opts.out_dir`; return the report."""
+    export and the report into `opts.out_dir`; return the report. Under torchrun every rank labels
+    and trains its share; rank 0 alone writes files and returns the report (the others None)."""
+    from compress import distributed
     from compress import evaluate as ev
     from compress.exporters.onnx import export_onnx, student_to_onnx
     from compress.exporters.quantize import export_precision
     from compress.fit import fit
     from compress.student import save_student
-    from compress.targets import cache_key, compute_targets, load_cached
+    from compress.targets import cache_key, compute_targets, compute_targets_distributed, load_cached
 
     def say(stage: str, **info: Any) -> None:
         if progress:
@@ -167,12 +169,17 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
 
+    world = distributed.init()
+
     # 2. the teacher's logits over the transfer data, once
     cache = out / "targets.npy"
     key = cache_key(list(teachers), data, sig.output_name, x.shape[0])
     z = load_cached(cache, key)
     cached = z is not None
-    if z is None:
+    distributed.barrier(world)  # every rank has looked at the cache before rank 0 may write it
+    if z is None and world.size > 1:
+        z = compute_targets_distributed(teacher, x, cache, key, world, opts.teacher_batch_size)
+    elif z is None:
         z = compute_targets(teacher, x, cache, key, opts.teacher_batch_size,
                             lambda done, n: say("targets", done=done, total=n))
     try:
@@ -210,7 +217,10 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     checkpoint = out / "checkpoint.pt"
     result = fit(x_train, z_train, x_val, np.asarray(z[val_idx]), cfg, opts.fit,
                  lambda info: say("fit", **info), stream_rows=stream_rows,
-                 checkpoint=str(checkpoint), resume=opts.resume)
+                 checkpoint=str(checkpoint), resume=opts.resume, world=world)
+    if not world.main:
+        distributed.finish(world)
+        return None
 
     # 4. keep the student: weights, then the validated ONNX files. Its interface is the teacher's,
     # with the data's sample shape (a PyTorch teacher records none) and a dynamic batch axis.
@@ -255,6 +265,7 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
                    "max_abs_diff_fp64": exp.max_abs_diff_fp64, "opset": 17},
         "exports": extra,
         "train": {
+            "world_size": result.world_size,
             "streamed": streamed,
             "epochs": result.epochs,
             "best_epoch": result.best_epoch,
@@ -279,4 +290,5 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     plot = write_plot(report, out / "report.png")
     _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     _write_text(out / "report.md", ev.render_markdown(report, plot))
+    distributed.finish(world)
     return report

@@ -139,3 +139,23 @@ def compute_targets(teacher: Teacher, x: Any, path: str | Path, key: dict[str, A
         os.remove(_sidecar(path))
     state_path.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def compute_targets_distributed(teacher: Teacher, x: Any, path: str | Path, key: dict[str, Any] | None,
+                                world: Any, batch_size: int = 1024) -> np.ndarray:
+    """Under torchrun: each rank labels its contiguous shard, every rank receives all the logits, and
+    rank 0 writes them to `path` (atomically; this path is not resumable: a killed run starts over)."""
+    from compress import distributed
+
+    path = Path(path)
+    a, b = distributed.shard(len(x), world)
+    teacher.logits(np.asarray(x[0:1], dtype=np.float32))  # every rank fixes the output kind on row 0
+    part = teacher.logits(np.asarray(x[a:b], dtype=np.float32), batch_size)
+    z = distributed.gather_rows(part, len(x), world)
+    if world.main:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, z)
+        if key is not None:
+            _write_json(_sidecar(path), key)
+    distributed.barrier(world)
+    return z

@@ -180,6 +180,12 @@ def _teacher_options(f: Any) -> Any:
     return f
 
 
+def _is_main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _emit(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -233,8 +239,10 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                       temperature=temperature, device=device, seed=seed),
     )
-    with ProgressView() as view:
+    with ProgressView(enabled=_is_main_rank()) as view:
         report = run(list(teachers), data, opts, eval_data, eval_labels, progress=view.update)
+    if report is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     _emit(report, as_json)
     if not as_json:
         console.print(f"Wrote {out_dir}/student.onnx, student.pt, report.json, report.md")
@@ -255,7 +263,8 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
             device: str) -> None:
     """Label the transfer data with the teacher's logits, once, into a .npy file."""
     from compress import data as data_mod
-    from compress.targets import cache_key, compute_targets
+    from compress import distributed
+    from compress.targets import cache_key, compute_targets, compute_targets_distributed
     from compress.teachers import load_teacher
 
     if out_path.suffix != ".npy":
@@ -264,9 +273,16 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
                            trust_pickle=trust_pickle)
     x = data_mod.open_inputs(data, teacher.signature.sample_shape, key=key)  # read chunk by chunk
     key_ = cache_key(list(teachers), data, teacher.signature.output_name, x.shape[0])
-    with ProgressView() as view:
-        z = compute_targets(teacher, x, out_path, key_, batch_size,
-                            lambda done, n: view.update("targets", {"done": done, "total": n}))
+    world = distributed.init()
+    if world.size > 1:  # torchrun: each rank labels its shard, rank 0 writes
+        z = compute_targets_distributed(teacher, x, out_path, key_, world, batch_size)
+        distributed.finish(world)
+        if not world.main:
+            return
+    else:
+        with ProgressView() as view:
+            z = compute_targets(teacher, x, out_path, key_, batch_size,
+                                lambda done, n: view.update("targets", {"done": done, "total": n}))
     click.echo(f"{out_path}: {z.shape[0]} x {z.shape[1]} logits ({teacher.output_kind})")
 
 

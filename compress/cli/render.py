@@ -17,10 +17,10 @@ _LABELS = {"targets": "teacher", "targets ": "teacher+", "augment": "augment", "
 class ProgressView:
     """Receives the library's (stage, details) callbacks and shows one bar per stage."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.progress = Progress(TextColumn("{task.description:<7}"), BarColumn(bar_width=24),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                 console=console, transient=False)
+                                 console=console, transient=False, disable=not enabled)
         self.tasks: dict[str, TaskID] = {}
         self.totals: dict[str, int] = {}
 
