@@ -292,3 +292,60 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     _write_text(out / "report.md", ev.render_markdown(report, plot))
     distributed.finish(world)
     return report
+
+
+def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = DistillOptions(),
+                input_name: str = "input", output_name: str = "logits",
+                progress: StageProgress | None = None) -> dict[str, Any] | None:
+    """`compress fit`: a student from inputs and logits computed earlier (`compress targets`), no
+    teacher needed. Writes student.pt, student.onnx (input and output named as given) and report.json
+    with the training and export sections and the fit on the held-out 10% of the data."""
+    from compress import distributed
+    from compress import evaluate as ev
+    from compress.exporters.onnx import export_onnx
+    from compress.fit import fit
+    from compress.student import save_student
+    from compress.teachers import Signature
+
+    def say(stage: str, **info: Any) -> None:
+        if progress:
+            progress(stage, info)
+
+    opts.fit.validate()
+    x = data_mod.load_inputs(data, None, what="--data", key=opts.key)
+    z = np.asarray(data_mod.load_array(targets, what="--targets"), dtype=np.float32)
+    if z.ndim != 2 or len(z) != len(x):
+        raise DataError(f"--targets {targets}: shape {z.shape}; expected ({len(x)}, classes), one row of "
+                        "logits per --data sample")
+    data_mod.check_finite(z, targets, what="--targets")
+    train_idx, val_idx = holdout_split(len(x), opts.fit.seed)
+    cfg = student_config(tuple(int(v) for v in x.shape[1:]), z.shape[1], opts.width, opts.rank)
+    out = Path(opts.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = distributed.init()
+    result = fit(x[train_idx], z[train_idx], x[val_idx], z[val_idx], cfg, opts.fit,
+                 lambda info: say("fit", **info), checkpoint=str(out / "checkpoint.pt"),
+                 resume=opts.resume, world=world)
+    if not world.main:
+        distributed.finish(world)
+        return None
+    say("export")
+    sig = Signature(input_name, cfg.sample_shape, "float32", output_name, None)
+    save_student(result.model, cfg, str(out / "student.pt"), {"signature": dataclasses.asdict(sig)},
+                 check_inputs=x[val_idx[:256]])
+    exp = export_onnx(result.model, cfg, sig, out / "student.onnx", x[val_idx])
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    zs = ev.run_onnx(exp.path, x[val_idx])
+    report = {
+        "student": {"params": count_params(cfg), "size_bytes": exp.size_bytes, "width": cfg.width,
+                    "rank": cfg.rank, "input_dim": cfg.input_dim, "classes": cfg.num_classes},
+        "fidelity": {"agreement": ev.agreement(zs, z[val_idx]), "logit_rmse": ev.logit_rmse(zs, z[val_idx]),
+                     "on": "the held-out 10% of --data"},
+        "export": {"path": str(Path(exp.path).resolve()), "max_abs_diff": exp.max_abs_diff},
+        "train": {"world_size": result.world_size, "epochs": result.epochs, "best_epoch": result.best_epoch,
+                  "seconds": result.seconds, "samples_per_second": result.samples_per_second,
+                  "device": result.device, "samples": int(train_idx.size), "history": result.history},
+    }
+    _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    distributed.finish(world)
+    return report

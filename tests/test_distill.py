@@ -107,3 +107,23 @@ def test_targets_command_matches_the_teacher(digits_files, digits, tmp_path):
     z = np.load(tmp_path / "z.npy")
     (ref,) = ort.InferenceSession(str(f["teacher"])).run(None, {"x": digits["x"]})
     np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_targets_then_fit(tmp_path, digits_files, digits):
+    f = digits_files
+    z = tmp_path / "z.npy"
+    assert CliRunner().invoke(cli, ["targets", str(f["teacher"]), "--data", str(f["x"]), "--out",
+                                    str(z)]).exit_code == 0
+    result = CliRunner().invoke(cli, ["fit", "--data", str(f["x"]), "--targets", str(z), "--width", "1k",
+                                      "--rank", "32", "--out", str(tmp_path / "fit"), "--json",
+                                      "--input-name", "pixels"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert r["student"]["params"] == 64 * 32 + 32 * 1000 + 1000 + 1000 * 10 + 10
+    assert r["fidelity"]["agreement"] > 0.9 and r["export"]["max_abs_diff"] <= 1e-4
+    sess = ort.InferenceSession(str(tmp_path / "fit" / "student.onnx"))
+    (logits,) = sess.run(None, {"pixels": digits["x_test"]})
+    assert (logits.argmax(1) == digits["y_test"]).mean() > 0.9
+    np.save(tmp_path / "short.npy", np.load(z)[:100])
+    bad = CliRunner().invoke(cli, ["fit", "--data", str(f["x"]), "--targets", str(tmp_path / "short.npy")])
+    assert bad.exit_code == 2 and "--targets" in bad.stderr and "one row of logits" in bad.stderr

@@ -286,6 +286,44 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
     click.echo(f"{out_path}: {z.shape[0]} x {z.shape[1]} logits ({teacher.output_kind})")
 
 
+@cli.command("fit")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Transfer inputs.")
+@click.option("--targets", "targets_path", required=True, type=click.Path(path_type=Path),
+              help="The teacher's logits for --data (.npy, from `compress targets`).")
+@click.option("--out", "out_dir", default="compress-out", show_default=True,
+              type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--key", default=None, help="Array name inside .npz files.")
+@click.option("--input-name", default="input", show_default=True, help="Input name in student.onnx.")
+@click.option("--output-name", default="logits", show_default=True, help="Output name in student.onnx.")
+@_fit_options
+@click.option("--resume", is_flag=True, help="Continue an interrupted fit from --out/checkpoint.pt.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, input_name: str,
+                output_name: str, width: int, rank: int | None, epochs: int | None, batch_size: int,
+                lr: float, loss: str, temperature: float, device: str, seed: int, resume: bool,
+                as_json: bool) -> None:
+    """Fit a student to logits computed earlier (compress targets): no teacher needed."""
+    from compress.fit import FitConfig
+    from compress.pipeline import DistillOptions, fit_targets
+
+    opts = DistillOptions(width=width, rank=rank, out_dir=str(out_dir), key=key, resume=resume,
+                          fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
+                                        temperature=temperature, device=device, seed=seed))
+    with ProgressView(enabled=_is_main_rank()) as view:
+        report = fit_targets(data, targets_path, opts, input_name, output_name, progress=view.update)
+    if report is None:
+        return
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        t, f = report["train"], report["fidelity"]
+        console.print(f"Student width {report['student']['width']:,}, rank {report['student']['rank']}, "
+                      f"{report['student']['params']:,} parameters: agreement {100 * f['agreement']:.2f}% "
+                      f"with the targets on the held-out 10%; {t['epochs']} epochs in {t['seconds']:.1f} s "
+                      f"({t['samples_per_second']:,.0f} samples/s). Wrote {out_dir}/student.onnx, "
+                      "student.pt, report.json")
+
+
 @cli.command()
 @click.argument("student", type=click.Path(path_type=Path))
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
