@@ -16,10 +16,8 @@ Writes benchmarks/results/targets_scale.{json,md}.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,16 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_exports import machine  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 CAP = 1536 * 2**20
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def throughput(work: Path) -> dict[str, float]:

@@ -50,9 +50,14 @@ def to_fp16_weights(model: Any) -> Any:
         half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "_fp16")
         inits.append(half)
         casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT))
+    return _replace_weights(m, inits, casts)
+
+
+def _replace_weights(m: Any, inits: list[Any], decoders: list[Any]) -> Any:
+    """`m` with these initializers, and the nodes that turn them back into float32 weights first."""
     del m.graph.initializer[:]
     m.graph.initializer.extend(inits)
-    nodes = casts + list(m.graph.node)
+    nodes = decoders + list(m.graph.node)
     del m.graph.node[:]
     m.graph.node.extend(nodes)
     return m
@@ -84,12 +89,7 @@ def to_int8_weights(model: Any) -> Any:
                   numpy_helper.from_array(scale.astype(np.float32), init.name + "_scale")]
         deq.append(helper.make_node("DequantizeLinear", [init.name + "_int8", init.name + "_scale"],
                                     [init.name], axis=axis))
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(inits)
-    nodes = deq + list(m.graph.node)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    return m
+    return _replace_weights(m, inits, deq)
 
 
 @contextlib.contextmanager

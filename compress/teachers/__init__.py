@@ -55,6 +55,20 @@ def gpu_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def check_model_file(path: Path) -> int:
+    """The file's size, after checking it exists, is a file and can be read (TeacherError if not)."""
+    if not path.exists():
+        raise TeacherError(f"TEACHER {path}: file not found")
+    if path.is_dir():
+        raise TeacherError(f"TEACHER {path}: is a folder, not a model file")
+    try:
+        with open(path, "rb"):
+            pass
+        return path.stat().st_size
+    except OSError as e:
+        raise TeacherError(f"TEACHER {path}: cannot be read ({e.strerror or e})") from None
+
+
 def looks_like_probabilities(y: np.ndarray) -> bool:
     """Rows of non-negative values summing to 1: a softmax (or a normalizer) ended the model."""
     return bool(y.size and (y >= 0).all() and (y <= 1 + 1e-6).all()
@@ -147,7 +161,8 @@ def load_teacher(paths: list[str | Path], output: str | None = None, device: str
     return teachers[0] if len(teachers) == 1 else EnsembleTeacher(teachers)
 
 
-__all__ = ["EnsembleTeacher", "Progress", "Signature", "Teacher", "gpu_available", "load_teacher",
+__all__ = ["EnsembleTeacher", "Progress", "Signature", "Teacher", "check_model_file", "gpu_available",
+           "load_teacher",
            "looks_like_probabilities", "probabilities_to_logits", "run_batched"]
 
 

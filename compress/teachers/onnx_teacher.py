@@ -18,6 +18,7 @@ from compress.errors import TeacherError
 from compress.teachers import (
     Progress,
     Signature,
+    check_model_file,
     gpu_available,
     looks_like_probabilities,
     probabilities_to_logits,
@@ -94,16 +95,7 @@ class OnnxTeacher:
 
         self.path = Path(path)
         self.name = self.path.name
-        if not self.path.exists():
-            raise TeacherError(f"TEACHER {self.path}: file not found")
-        if self.path.is_dir():
-            raise TeacherError(f"TEACHER {self.path}: is a folder, not a model file")
-        try:
-            self.size_bytes = self.path.stat().st_size
-            with open(self.path, "rb"):
-                pass
-        except OSError as e:
-            raise TeacherError(f"TEACHER {self.path}: cannot be read ({e.strerror or e})") from None
+        self.size_bytes = check_model_file(self.path)
         try:
             self.model = onnx.load(str(self.path), load_external_data=False)
         except Exception as e:  # onnx raises DecodeError, ValueError, ... for a corrupt file

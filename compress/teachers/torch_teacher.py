@@ -20,6 +20,7 @@ from compress.errors import TeacherError
 from compress.teachers import (
     Progress,
     Signature,
+    check_model_file,
     looks_like_probabilities,
     probabilities_to_logits,
     run_batched,
@@ -82,11 +83,7 @@ class TorchTeacher:
 
         self.path = Path(path)
         self.name = self.path.name
-        if not self.path.exists():
-            raise TeacherError(f"TEACHER {self.path}: file not found")
-        if self.path.is_dir():
-            raise TeacherError(f"TEACHER {self.path}: is a folder, not a model file")
-        self.size_bytes = self.path.stat().st_size
+        self.size_bytes = check_model_file(self.path)
         self.device = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
         self.kind = file_kind(self.path)
         batch, shape = None, None
