@@ -42,7 +42,7 @@ class FitConfig:
     batch_size: int = 128  # samples per optimizer step
     lr: float = 3e-3  # AdamW peak learning rate
     weight_decay: float = 0.0  # decoupled (AdamW); the paper used none
-    loss: str = "l2"  # "l2" (the paper's) or "kl" (Hinton 2015)
+    loss: str = "l2"  # "l2" (the paper's), "kl" (Hinton 2015), or "ce" (targets are one-hot labels)
     temperature: float = 4.0  # only for loss="kl"
     device: str = "auto"  # "auto" picks cuda when torch sees a GPU
     seed: int = 0  # initialization and shuffling
@@ -54,8 +54,8 @@ class FitConfig:
             raise ConfigError(f"--batch-size: must be at least 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ConfigError(f"--lr: must be positive, got {self.lr}")
-        if self.loss not in ("l2", "kl"):
-            raise ConfigError(f"--loss: must be l2 or kl, got {self.loss}")
+        if self.loss not in ("l2", "kl", "ce"):
+            raise ConfigError(f"--loss: must be l2, kl or ce, got {self.loss}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device: must be auto, cpu or cuda, got {self.device}")
 
@@ -88,10 +88,12 @@ def auto_epochs(n_train: int, batch_size: int, target_steps: int = 4000) -> int:
 
 
 def _loss_fn(cfg: FitConfig, z_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if cfg.loss == "l2":
-        return lambda s, z: 0.5 * (s - z).pow(2).sum(dim=1).mean()
     import torch
 
+    if cfg.loss == "l2":
+        return lambda s, z: 0.5 * (s - z).pow(2).sum(dim=1).mean()
+    if cfg.loss == "ce":  # a student trained on labels (z one-hot): the paper's baseline
+        return lambda s, z: -(z * torch.log_softmax(s, dim=1)).sum(dim=1).mean()
     t = cfg.temperature
 
     def kl(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -167,6 +169,8 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     sd[sd < 1e-8] = 1.0  # constant features: leave unscaled
     z_mean, z_sd = _moments(z_train, z_train.shape[1])  # (C,)
     z_scale = float(np.sqrt((z_sd**2).mean())) or 1.0
+    if fit_cfg.loss == "ce":  # one-hot targets stay as they are
+        z_mean, z_scale = np.zeros_like(z_mean), 1.0
 
     def prep(x: np.ndarray, z: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         xs = ((x.reshape(x.shape[0], d) - mu) / sd).astype(np.float32)

@@ -49,6 +49,7 @@ class DistillOptions:
     augment: str | None = None  # "munge:20", "noise:5", "mixup:4": synthetic transfer data
     memory_budget: int | None = None  # bytes of training data held in memory; None: a quarter of RAM
     resume: bool = False  # continue an interrupted fit from out_dir/checkpoint.pt
+    cache_dir: str | None = None  # where the logit cache lives; None: out_dir (sweep shares one)
 
 
 def default_rank(input_dim: int) -> int:
@@ -172,7 +173,7 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     world = distributed.init()
 
     # 2. the teacher's logits over the transfer data, once
-    cache = out / "targets.npy"
+    cache = Path(opts.cache_dir or out) / "targets.npy"
     key = cache_key(list(teachers), data, sig.output_name, x.shape[0])
     z = load_cached(cache, key)
     cached = z is not None
@@ -199,12 +200,12 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
 
         method, factor = augment
         tag = f"{method}{factor}_seed{opts.fit.seed}"
-        x_syn = generate(x_train, method, factor, out / f"augmented_{tag}.npy", opts.fit.seed,
+        x_syn = generate(x_train, method, factor, cache.parent / f"augmented_{tag}.npy", opts.fit.seed,
                          lambda done, n: say("augment", done=done, total=n))
         syn_key = {**key, "augment": tag, "samples": int(len(x_syn))}
-        z_syn = load_cached(out / f"targets_{tag}.npy", syn_key)
+        z_syn = load_cached(cache.parent / f"targets_{tag}.npy", syn_key)
         if z_syn is None:
-            z_syn = compute_targets(teacher, x_syn, out / f"targets_{tag}.npy", syn_key,
+            z_syn = compute_targets(teacher, x_syn, cache.parent / f"targets_{tag}.npy", syn_key,
                                     opts.teacher_batch_size,
                                     lambda done, n: say("targets", done=done, total=n))
         x_train = np.concatenate([x_train, np.asarray(x_syn)])

@@ -286,6 +286,55 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
     click.echo(f"{out_path}: {z.shape[0]} x {z.shape[1]} logits ({teacher.output_kind})")
 
 
+@cli.command()
+@click.argument("teachers", nargs=-1, required=True, metavar="TEACHER [TEACHER...]")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Transfer inputs.")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Evaluation inputs.")
+@click.option("--eval-labels", type=click.Path(path_type=Path), help="Labels for --eval-data.")
+@click.option("--train-labels", type=click.Path(path_type=Path),
+              help="Labels for --data: adds the same shallow nets trained on labels (the paper's baseline).")
+@click.option("--widths", default="512,4k,16k", show_default=True, help="Comma-separated widths.")
+@click.option("--ranks", default="0,32", show_default=True, help="Comma-separated ranks (0: none).")
+@click.option("--out", "out_dir", default="compress-sweep", show_default=True,
+              type=click.Path(path_type=Path), help="Output folder (one subfolder per student).")
+@_teacher_options
+@click.option("--key", default=None, help="Array name inside .npz files.")
+@click.option("--epochs", type=int, default=None, help="Passes over the data [default: ~4,000 steps].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
+@click.option("--bench-seconds", type=float, default=0.2, show_default=True,
+              help="Latency timing budget per model and batch size.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_labels: Path | None,
+          train_labels: Path | None, widths: str, ranks: str, out_dir: Path, output: str | None,
+          arch: str | None, trust_pickle: bool, key: str | None, epochs: int | None, seed: int,
+          bench_seconds: float, as_json: bool) -> None:
+    """Distill one student per (width, rank) from one logit cache; table and accuracy-vs-parameters figure."""
+    from compress.fit import FitConfig
+    from compress.pipeline import DistillOptions
+    from compress.sweep import render
+    from compress.sweep import sweep as run
+
+    def parse_list(text: str, kind: click.ParamType, hint: str) -> list[Any]:
+        try:
+            return [kind.convert(v.strip(), None, None) for v in text.split(",") if v.strip()]
+        except click.BadParameter as e:
+            raise click.BadParameter(e.message, param_hint=hint) from None
+
+    ws = parse_list(widths, WidthType(), "'--widths'")
+    rs = [0 if r is None else r for r in parse_list(ranks, RankType(), "'--ranks'")]
+    opts = DistillOptions(out_dir=str(out_dir), output=output, arch=arch, trust_pickle=trust_pickle,
+                          key=key, fit=FitConfig(epochs=epochs, seed=seed), latency_budget_s=bench_seconds,
+                          latency_batches=(1,))
+    with ProgressView() as view:
+        result = run(list(teachers), data, ws, rs, opts, eval_data, eval_labels, train_labels,
+                     progress=view.update)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        console.print(render(result))
+        console.print(f"Wrote {out_dir}/sweep.json, sweep.md, sweep.png")
+
+
 @cli.command("fit")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Transfer inputs.")
 @click.option("--targets", "targets_path", required=True, type=click.Path(path_type=Path),

@@ -1,0 +1,151 @@
+"""`compress sweep`: one student per (width, rank), all from one logit cache, and the paper's figure.
+
+Ba & Caruana (2014), figures 2-3: accuracy against parameters on a log scale, the teacher as a
+horizontal line, SNN-MIMIC students as one curve per rank and, when labels for the transfer data are
+given, the same shallow nets trained on those labels (cross-entropy) as the curve to beat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress.atomic import atomic_path
+from compress.errors import ConfigError
+from compress.pipeline import DistillOptions, distill, holdout_split, student_config
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+def train_on_labels(data: str | Path, labels: str | Path, width: int, rank: int | None,
+                    opts: DistillOptions, x_eval: np.ndarray | None, y_eval: np.ndarray | None,
+                    ) -> dict[str, Any]:
+    """The same student trained on the transfer data's labels: what shallow nets get without a teacher."""
+    import torch
+
+    from compress import data as data_mod
+    from compress.fit import fit
+    from compress.student import count_params
+
+    x = data_mod.load_inputs(data, None, what="--data", key=opts.key)
+    y = data_mod.load_labels(labels, len(x), what="--train-labels", data_what="--data")
+    classes = int(max(y.max(), y_eval.max() if y_eval is not None else 0)) + 1
+    onehot = np.eye(classes, dtype=np.float32)[y]
+    train_idx, val_idx = holdout_split(len(x), opts.fit.seed)
+    cfg = student_config(tuple(int(v) for v in x.shape[1:]), classes, width, rank)
+    res = fit(x[train_idx], onehot[train_idx], x[val_idx], onehot[val_idx], cfg,
+              dataclasses.replace(opts.fit, loss="ce"))
+    acc = None
+    if x_eval is not None and y_eval is not None:
+        with torch.no_grad():
+            s = res.model(torch.from_numpy(x_eval)).numpy()
+        acc = float((s.argmax(1) == y_eval).mean())
+    return {"kind": "labels", "width": cfg.width, "rank": cfg.rank, "params": count_params(cfg),
+            "accuracy": acc, "fit_seconds": res.seconds}
+
+
+def sweep(teachers: list[str | Path], data: str | Path, widths: list[int], ranks: list[int],
+          opts: DistillOptions, eval_data: str | Path | None = None, eval_labels: str | Path | None = None,
+          train_labels: str | Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Distill every (width, rank) into out_dir/w<width>_k<rank>/, write sweep.json/.md and sweep.png."""
+    from compress import data as data_mod
+
+    if not widths or not ranks:
+        raise ConfigError("--widths/--ranks: give at least one of each")
+    out = Path(opts.out_dir)
+    rows: list[dict[str, Any]] = []
+    teacher: dict[str, Any] = {}
+    for w in widths:
+        for k in ranks:
+            run = dataclasses.replace(opts, width=w, rank=k, out_dir=str(out / f"w{w}_k{k}"),
+                                      cache_dir=str(out))
+            r = distill(teachers, data, run, eval_data, eval_labels, progress=progress)
+            assert r is not None  # sweep runs in one process
+            teacher = r["teacher"]
+            lat = r["student"]["latency_ms"]
+            rows.append({"kind": "mimic", "width": w, "rank": k, "params": r["student"]["params"],
+                         "accuracy": r["student"]["accuracy"], "agreement": r["fidelity"]["agreement"],
+                         "latency_ms_batch1_p50": lat.get("1", {}).get("p50"),
+                         "fit_seconds": r["train"]["seconds"], "path": r["export"]["path"]})
+            if progress:
+                progress("sweep", {"done": len(rows), "total": len(widths) * len(ranks)})
+    if train_labels is not None:
+        x_eval = y_eval = None
+        if eval_data is not None and eval_labels is not None:
+            x_eval = data_mod.load_inputs(eval_data, None, what="--eval-data", key=opts.key)
+            y_eval = data_mod.load_labels(eval_labels, len(x_eval))
+        for w in widths:
+            rows.append(train_on_labels(data, train_labels, w, 0, opts, x_eval, y_eval))
+    result = {"teacher": {"name": teacher.get("name"), "params": teacher.get("params"),
+                          "accuracy": teacher.get("accuracy")}, "runs": rows}
+    with atomic_path(out / "sweep.json") as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_path(out / "sweep.md") as tmp:
+        Path(tmp).write_text(render(result))
+    try:
+        plot_sweep(result, out / "sweep.png")
+        result["figure"] = str(out / "sweep.png")
+    except ImportError:
+        result["figure"] = None
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    t = result["teacher"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    params = f"{t['params']:,}" if t.get("params") is not None else "?"
+    lines = [f"# Sweep: teacher `{t['name']}`, {params} parameters, accuracy {pct(t['accuracy'])}",
+             "", "| student | width | rank | params | accuracy | agreement | latency b1 p50 | fit s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["runs"]:
+        lat = r.get("latency_ms_batch1_p50")
+        lines.append(f"| {'mimic (SNN-MIMIC)' if r['kind'] == 'mimic' else 'trained on labels'} | "
+                     f"{r['width']:,} | {r['rank']} | {r['params']:,} | {pct(r['accuracy'])} | "
+                     f"{pct(r.get('agreement'))} | {'-' if lat is None else f'{lat:.3f} ms'} | "
+                     f"{r['fit_seconds']:.1f} |")
+    return "\n".join(lines) + "\n\n![accuracy against parameters](sweep.png)\n"
+
+
+def series(result: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """Curve name -> [(params, accuracy or agreement)], sorted by params."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for r in result["runs"]:
+        score = r["accuracy"] if r["accuracy"] is not None else r.get("agreement")
+        if score is None:
+            continue
+        name = (f"SNN-MIMIC, rank {r['rank']}" if r["rank"] else "SNN-MIMIC, no bottleneck") \
+            if r["kind"] == "mimic" else "shallow net on labels"
+        curves.setdefault(name, []).append((r["params"], score))
+    return {k: sorted(v) for k, v in curves.items()}
+
+
+def plot_sweep(result: dict[str, Any], path: str | Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = series(result)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in curves.items():
+        ax.plot([p for p, _ in pts], [100 * a for _, a in pts], marker="o" if "MIMIC" in name else "s",
+                linestyle="-" if "MIMIC" in name else "--", label=name)
+    t = result["teacher"]
+    if t.get("accuracy") is not None:
+        ax.axhline(100 * t["accuracy"], color="k", linestyle=":", label=f"teacher {t['name']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("student parameters")
+    ax.set_ylabel("test accuracy (%)" if t.get("accuracy") is not None else "agreement with teacher (%)")
+    ax.set_title("accuracy against parameters (Ba & Caruana 2014, fig. 2)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return list(curves) + (["teacher"] if t.get("accuracy") is not None else [])

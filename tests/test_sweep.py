@@ -1,0 +1,43 @@
+"""Issue 7: `compress sweep` on a tiny problem, figure included."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from compress.cli import cli
+from compress.sweep import plot_sweep
+
+
+def test_sweep_table_and_figure(tmp_path, digits_files):
+    f = digits_files
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(cli, [
+        "sweep", str(f["teacher"]), "--data", str(f["x"]), "--eval-data", str(f["x_test"]), "--eval-labels",
+        str(f["y_test"]), "--train-labels", str(f["y"]), "--widths", "64,512", "--ranks", "0,16",
+        "--epochs", "30", "--bench-seconds", "0.02", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    mimic = [x for x in r["runs"] if x["kind"] == "mimic"]
+    labels = [x for x in r["runs"] if x["kind"] == "labels"]
+    assert [(x["width"], x["rank"]) for x in mimic] == [(64, 0), (64, 16), (512, 0), (512, 16)]
+    assert [x["width"] for x in labels] == [64, 512]
+    assert all(x["accuracy"] > 0.8 for x in r["runs"])
+    assert mimic[2]["params"] == 64 * 512 + 512 + 512 * 10 + 10
+    # one logit cache for the whole sweep: the teacher ran once
+    assert (out / "targets.npy").exists() and not (out / "w64_k0" / "targets.npy").exists()
+    for w, k in ((64, 0), (512, 16)):
+        assert (out / f"w{w}_k{k}" / "student.onnx").exists()
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| mimic (SNN-MIMIC) | 512 | 16 |" in (out / "sweep.md").read_text()
+    names = plot_sweep(r, tmp_path / "again.png")
+    assert names == ["SNN-MIMIC, no bottleneck", "SNN-MIMIC, rank 16", "shallow net on labels", "teacher"]
+
+
+def test_sweep_bad_widths(tmp_path, digits_files):
+    result = CliRunner().invoke(cli, ["sweep", str(digits_files["teacher"]), "--data", str(digits_files["x"]),
+                                      "--widths", "4k,abc"])
+    assert result.exit_code == 2 and "--widths" in result.stderr
+    assert np is not None
