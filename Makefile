@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch 2.13.0: the CPU wheel where the machine has it on disk; override with `make install TORCH=torch`
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint bench bench-paper clean
 
 $(BIN)/compress: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/train_mnist1d_teacher.py --check
 	$(BIN)/python benchmarks/bench_exports.py
+	$(BIN)/python benchmarks/targets_scale.py
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/augment.py
+
+# Ba & Caruana's Table 1 on MNIST-1D (about 10 minutes on 2 CPU cores)
+bench-paper: install
+	$(BIN)/python benchmarks/paper_mnist1d.py
 
 clean:
 	rm -rf $(VENV) compress-demo compress-out .pytest_cache
