@@ -169,7 +169,7 @@ def figure(result: dict, path: Path, cnn: float, ens: float | None) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("MNIST-1D: shallow mimic nets vs shallow nets on labels")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center right")  # the space between the two groups of curves
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
