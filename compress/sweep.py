@@ -43,7 +43,7 @@ def train_on_labels(data: str | Path, labels: str | Path, width: int, rank: int 
     acc = None
     if x_eval is not None and y_eval is not None:
         with torch.no_grad():
-            s = res.model(torch.from_numpy(x_eval)).numpy()
+            s = res.model(torch.from_numpy(np.array(x_eval))).numpy()  # a copy: x_eval is read-only
         acc = float((s.argmax(1) == y_eval).mean())
     return {"kind": "labels", "width": cfg.width, "rank": cfg.rank, "params": count_params(cfg),
             "accuracy": acc, "fit_seconds": res.seconds}
