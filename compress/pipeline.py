@@ -239,18 +239,17 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     # 5. compare, with the exported file itself standing for the student
     say("compare")
     if x_eval is not None:
-        xc, zt = x_eval, None
+        xc, zt = x_eval, teacher.logits(x_eval, opts.teacher_batch_size)  # once, for every comparison
         source = f"--eval-data {Path(eval_data).name}"  # type: ignore[arg-type]
     else:
         xc, zt = x_val, np.asarray(z[val_idx])
         source = "the held-out slice of the transfer data"
     student = OnnxTeacher(exp.path, device=opts.fit.device)
     cmp = ev.compare(teacher, student, xc, y_eval, zt, opts.latency_batches, opts.latency_budget_s)
-    teacher_z = teacher.logits(xc) if zt is None else zt  # the teacher's again: cheap beside the fit
     for e in extra:
         model = OnnxTeacher(e["path"], device=opts.fit.device)
         ze = model.logits(xc)
-        e.update(accuracy=ev.accuracy(ze, y_eval), agreement=ev.agreement(ze, teacher_z),
+        e.update(accuracy=ev.accuracy(ze, y_eval), agreement=ev.agreement(ze, zt),
                  latency_ms=ev.model_latency(model, xc[:256], opts.latency_batches,
                                              opts.latency_budget_s))
     members = [{"name": m.name, "output_kind": m.output_kind,

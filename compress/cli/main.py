@@ -13,64 +13,20 @@ from typing import Any
 
 import click
 
-from compress.cli.render import ProgressView, console, print_table
+from compress.cli.options import (
+    RankType,
+    SizeType,
+    WidthType,
+    emit,
+    export_options,
+    fit_options,
+    is_main_rank,
+    parse_batch_sizes,
+    parse_precisions,
+    teacher_options,
+)
+from compress.cli.render import ProgressView, console
 from compress.errors import CompressError
-
-
-class WidthType(click.ParamType):
-    """A width: 8000, 8k, 400k, 1.5M."""
-
-    name = "width"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        from compress.student import parse_width
-
-        try:
-            return parse_width(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-class SizeType(click.ParamType):
-    """A size in bytes: 512M, 4G, 1.5G, 65536."""
-
-    name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
-        mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
-        try:
-            size = float(text[:-1] if mult > 1 else text) * mult
-        except ValueError:
-            self.fail(f"'{value}' is not a size; use e.g. 512M or 4G", param, ctx)
-        if size < 1:
-            self.fail(f"'{value}' must be positive", param, ctx)
-        return int(size)
-
-
-class RankType(click.ParamType):
-    """A rank: a whole number >= 0, or 'auto'."""
-
-    name = "rank"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-                ) -> int | None:
-        if value is None or isinstance(value, int):
-            return value
-        if str(value).strip().lower() == "auto":
-            return None
-        try:
-            k = int(str(value).strip())
-        except ValueError:
-            self.fail(f"'{value}' is not a rank; use a whole number >= 0 (0: no bottleneck) or auto",
-                      param, ctx)
-        if k < 0:
-            self.fail(f"{k} is negative; use 0 for no bottleneck", param, ctx)
-        return k
 
 
 class OneLineErrors(click.Group):
@@ -104,95 +60,6 @@ def cli() -> None:
     """Distill a trained classifier into a wide, shallow student and ship it as ONNX (SNN-MIMIC)."""
 
 
-def _fit_options(f: Any) -> Any:
-    from compress.fit import FitConfig
-
-    d = FitConfig()
-    opts = [
-        click.option("--width", type=WidthType(), default="8k", show_default=True,
-                     help="Hidden ReLU units H: 8000, 8k, 400k, 1.5M."),
-        click.option("--rank", type=RankType(), default="auto", show_default=True,
-                     help="Linear bottleneck k (0: none; auto: min(250, inputs/2))."),
-        click.option("--epochs", type=int, default=None,
-                     help="Passes over the transfer data [default: about 4,000 steps, 10..300]."),
-        click.option("--batch-size", type=int, default=d.batch_size, show_default=True,
-                     help="Samples per optimizer step."),
-        click.option("--lr", type=float, default=d.lr, show_default=True,
-                     help="Peak Adam learning rate (3% warm-up, cosine decay)."),
-        click.option("--loss", type=click.Choice(["l2", "kl"]), default=d.loss, show_default=True,
-                     help="l2 on logits (the paper's) or kl with --temperature (Hinton 2015)."),
-        click.option("--temperature", type=float, default=d.temperature, show_default=True,
-                     help="Softmax temperature for --loss kl."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                     show_default=True, help="Where to train; auto uses a GPU when there is one."),
-        click.option("--seed", type=int, default=d.seed, show_default=True,
-                     help="Seed for initialization, shuffling and the held-out split."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _export_options(multiple: bool) -> Any:
-    def wrap(f: Any) -> Any:
-        help_ = ("Extra exports besides fp32, comma-separated: fp16, int8 (student.<p>.onnx)."
-                 if multiple else "Weight precision: fp32, fp16 (float32 interface kept) or int8.")
-        opts = [
-            click.option("--precision", default="" if multiple else "fp32",
-                         show_default=not multiple, help=help_),
-            click.option("--min-agreement", type=float, default=0.99, show_default=True,
-                         help="Refuse an fp16/int8 export whose top-1 agreement with the fp32 student "
-                              "on held-out inputs falls below this."),
-            click.option("--quantize", type=click.Choice(["weights", "dynamic", "static"]),
-                         default="weights", show_default=True,
-                         help="int8 method: weights (int8 storage, float math: most accurate), dynamic "
-                              "or static (int8 math via onnxruntime; static calibrates on inputs)."),
-        ]
-        for o in reversed(opts):
-            f = o(f)
-        return f
-    return wrap
-
-
-def _precisions(text: str) -> tuple[str, ...]:
-    from compress.exporters.quantize import PRECISIONS
-
-    out = tuple(p.strip().lower() for p in text.split(",") if p.strip())
-    for p in out:
-        if p not in PRECISIONS:
-            raise click.BadParameter(f"'{p}' is not one of {', '.join(PRECISIONS)}",
-                                     param_hint="'--precision'")
-    return out
-
-
-def _teacher_options(f: Any) -> Any:
-    opts = [
-        click.option("--output", default=None,
-                     help="ONNX teacher output holding the scores [default: the first float one]."),
-        click.option("--arch", default=None, metavar="MODULE:FACTORY",
-                     help="For a state-dict teacher: a function returning the model (mypkg.nets:resnet)."),
-        click.option("--trust-pickle", is_flag=True,
-                     help="Allow a teacher saved as a whole pickled module. DANGEROUS: unpickling runs any "
-                          "code the file holds; use only for files you trust."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _is_main_rank() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _emit(report: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-
-
 @cli.command()
 @click.argument("teachers", nargs=-1, required=True, metavar="TEACHER [TEACHER...]")
 @click.option("--data", required=True, type=click.Path(path_type=Path),
@@ -203,10 +70,10 @@ def _emit(report: dict[str, Any], as_json: bool) -> None:
               help="Class labels for --eval-data, for accuracy.")
 @click.option("--out", "out_dir", default="compress-out", show_default=True,
               type=click.Path(path_type=Path), help="Output folder.")
-@_teacher_options
+@teacher_options
 @click.option("--key", default=None, help="Array name inside .npz files.")
-@_fit_options
-@_export_options(multiple=True)
+@fit_options
+@export_options(multiple=True)
 @click.option("--augment", default=None, metavar="METHOD:FACTOR",
               help="Add synthetic transfer data: munge, noise or mixup, times FACTOR (e.g. munge:20).")
 @click.option("--memory-budget", type=SizeType(), default=None,
@@ -233,17 +100,17 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
 
     opts = DistillOptions(
         width=width, rank=rank, out_dir=str(out_dir), output=output, key=key,
-        precisions=_precisions(precision), min_agreement=min_agreement, quantize=quantize,
+        precisions=parse_precisions(precision), min_agreement=min_agreement, quantize=quantize,
         arch=arch, trust_pickle=trust_pickle, latency_budget_s=bench_seconds, augment=augment,
         memory_budget=memory_budget, resume=resume,
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                       temperature=temperature, device=device, seed=seed),
     )
-    with ProgressView(enabled=_is_main_rank()) as view:
+    with ProgressView(enabled=is_main_rank()) as view:
         report = run(list(teachers), data, opts, eval_data, eval_labels, progress=view.update)
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return
-    _emit(report, as_json)
+    emit(report, as_json)
     if not as_json:
         console.print(f"Wrote {out_dir}/student.onnx, student.pt, report.json, report.md")
 
@@ -253,7 +120,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Transfer inputs.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="Where to write the logits (.npy).")
-@_teacher_options
+@teacher_options
 @click.option("--key", default=None, help="Array name inside .npz files.")
 @click.option("--batch-size", type=int, default=1024, show_default=True, help="Teacher batch size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -297,7 +164,7 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
 @click.option("--ranks", default="0,32", show_default=True, help="Comma-separated ranks (0: none).")
 @click.option("--out", "out_dir", default="compress-sweep", show_default=True,
               type=click.Path(path_type=Path), help="Output folder (one subfolder per student).")
-@_teacher_options
+@teacher_options
 @click.option("--key", default=None, help="Array name inside .npz files.")
 @click.option("--epochs", type=int, default=None, help="Passes over the data [default: ~4,000 steps].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
@@ -344,7 +211,7 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
 @click.option("--key", default=None, help="Array name inside .npz files.")
 @click.option("--input-name", default="input", show_default=True, help="Input name in student.onnx.")
 @click.option("--output-name", default="logits", show_default=True, help="Output name in student.onnx.")
-@_fit_options
+@fit_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted fit from --out/checkpoint.pt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, input_name: str,
@@ -358,7 +225,7 @@ def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, 
     opts = DistillOptions(width=width, rank=rank, out_dir=str(out_dir), key=key, resume=resume,
                           fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                                         temperature=temperature, device=device, seed=seed))
-    with ProgressView(enabled=_is_main_rank()) as view:
+    with ProgressView(enabled=is_main_rank()) as view:
         report = fit_targets(data, targets_path, opts, input_name, output_name, progress=view.update)
     if report is None:
         return
@@ -379,7 +246,7 @@ def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, 
               help="The ONNX file to write.")
 @click.option("--data", type=click.Path(path_type=Path),
               help="Held-out inputs to check the export on [default: those stored in student.pt].")
-@_export_options(multiple=False)
+@export_options(multiple=False)
 def export(student: Path, out_path: Path, data: Path | None, precision: str, min_agreement: float,
            quantize: str) -> None:
     """Export a student.pt to ONNX, checked before it is kept (fp32: against the torch student;
@@ -392,7 +259,7 @@ def export(student: Path, out_path: Path, data: Path | None, precision: str, min
     from compress.student import load_student
     from compress.teachers import Signature
 
-    (precision,) = _precisions(precision) or ("fp32",)
+    (precision,) = parse_precisions(precision) or ("fp32",)
     model, cfg, meta = load_student(str(student))
     sig = Signature(**{**meta["signature"], "sample_shape": tuple(meta["signature"]["sample_shape"])})
     if data is not None:
@@ -416,7 +283,7 @@ def export(student: Path, out_path: Path, data: Path | None, precision: str, min
 @click.argument("student", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Inputs to compare on.")
 @click.option("--labels", type=click.Path(path_type=Path), help="Class labels for --data, for accuracy.")
-@_teacher_options
+@teacher_options
 @click.option("--key", default=None, help="Array name inside .npz files.")
 @click.option("--batch-sizes", default="1,256", show_default=True, help="Latency batch sizes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
@@ -429,7 +296,7 @@ def compare(teacher: Path, student: Path, data: Path, labels: Path | None, outpu
     from compress.evaluate import compare as run
     from compress.teachers import load_teacher
 
-    batches = _batch_sizes(batch_sizes)
+    batches = parse_batch_sizes(batch_sizes)
     t = load_teacher([teacher], output=output, device="cpu", arch=arch, trust_pickle=trust_pickle)
     s = load_teacher([student], device="cpu")
     x = data_mod.load_inputs(data, t.signature.sample_shape, key=key)
@@ -437,18 +304,7 @@ def compare(teacher: Path, student: Path, data: Path, labels: Path | None, outpu
     report = run(t, s, x, y, batches=batches)
     report["eval"]["source"] = f"--data {data.name}"
     report["latency_provider"] = "CPUExecutionProvider"
-    _emit(report, as_json)
-
-
-def _batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise click.BadParameter(f"'{text}' is not a list of batch sizes like 1,64,256",
-                                 param_hint="'--batch-sizes'")
-    return sizes
+    emit(report, as_json)
 
 
 @cli.command()
@@ -469,7 +325,7 @@ def bench(models: tuple[Path, ...], batch_sizes: str, provider: str, threads: in
 
     if threads is not None and threads < 1:
         raise click.BadParameter("must be at least 1", param_hint="'--threads'")
-    result = run(list(models), _batch_sizes(batch_sizes), provider, threads, seconds)
+    result = run(list(models), parse_batch_sizes(batch_sizes), provider, threads, seconds)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -478,7 +334,7 @@ def bench(models: tuple[Path, ...], batch_sizes: str, provider: str, threads: in
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@_teacher_options
+@teacher_options
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON on stdout.")
 def inspect(model: Path, output: str | None, arch: str | None, trust_pickle: bool,
             as_json: bool) -> None:
@@ -513,7 +369,7 @@ def demo(out_dir: Path, transfer: int, width: int, as_json: bool) -> None:
     with ProgressView() as view:
         report = run([files.teacher], files.transfer, opts, files.test_x, files.test_y,
                      progress=view.update)
-    _emit(report, as_json)
+    emit(report, as_json)
     if not as_json:
         console.print(f"Wrote {out_dir}/student.onnx, student.pt, report.json, report.md")
 

@@ -1,0 +1,167 @@
+"""Option types and option groups shared by the commands. Parsing only: no library imports at load
+time beyond what parsing needs, so `compress --help` stays fast."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from compress.cli.render import print_table
+
+
+class WidthType(click.ParamType):
+    """A width: 8000, 8k, 400k, 1.5M."""
+
+    name = "width"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        from compress.student import parse_width
+
+        try:
+            return parse_width(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class SizeType(click.ParamType):
+    """A size in bytes: 512M, 4G, 1.5G, 65536."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
+        try:
+            size = float(text[:-1] if mult > 1 else text) * mult
+        except ValueError:
+            self.fail(f"'{value}' is not a size; use e.g. 512M or 4G", param, ctx)
+        if size < 1:
+            self.fail(f"'{value}' must be positive", param, ctx)
+        return int(size)
+
+
+class RankType(click.ParamType):
+    """A rank: a whole number >= 0, or 'auto'."""
+
+    name = "rank"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "auto":
+            return None
+        try:
+            k = int(str(value).strip())
+        except ValueError:
+            self.fail(f"'{value}' is not a rank; use a whole number >= 0 (0: no bottleneck) or auto",
+                      param, ctx)
+        if k < 0:
+            self.fail(f"{k} is negative; use 0 for no bottleneck", param, ctx)
+        return k
+
+
+def fit_options(f: Any) -> Any:
+    from compress.fit import FitConfig
+
+    d = FitConfig()
+    opts = [
+        click.option("--width", type=WidthType(), default="8k", show_default=True,
+                     help="Hidden ReLU units H: 8000, 8k, 400k, 1.5M."),
+        click.option("--rank", type=RankType(), default="auto", show_default=True,
+                     help="Linear bottleneck k (0: none; auto: min(250, inputs/2))."),
+        click.option("--epochs", type=int, default=None,
+                     help="Passes over the transfer data [default: about 4,000 steps, 10..300]."),
+        click.option("--batch-size", type=int, default=d.batch_size, show_default=True,
+                     help="Samples per optimizer step."),
+        click.option("--lr", type=float, default=d.lr, show_default=True,
+                     help="Peak Adam learning rate (3% warm-up, cosine decay)."),
+        click.option("--loss", type=click.Choice(["l2", "kl"]), default=d.loss, show_default=True,
+                     help="l2 on logits (the paper's) or kl with --temperature (Hinton 2015)."),
+        click.option("--temperature", type=float, default=d.temperature, show_default=True,
+                     help="Softmax temperature for --loss kl."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True, help="Where to train; auto uses a GPU when there is one."),
+        click.option("--seed", type=int, default=d.seed, show_default=True,
+                     help="Seed for initialization, shuffling and the held-out split."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def export_options(multiple: bool) -> Any:
+    def wrap(f: Any) -> Any:
+        help_ = ("Extra exports besides fp32, comma-separated: fp16, int8 (student.<p>.onnx)."
+                 if multiple else "Weight precision: fp32, fp16 (float32 interface kept) or int8.")
+        opts = [
+            click.option("--precision", default="" if multiple else "fp32",
+                         show_default=not multiple, help=help_),
+            click.option("--min-agreement", type=float, default=0.99, show_default=True,
+                         help="Refuse an fp16/int8 export whose top-1 agreement with the fp32 student "
+                              "on held-out inputs falls below this."),
+            click.option("--quantize", type=click.Choice(["weights", "dynamic", "static"]),
+                         default="weights", show_default=True,
+                         help="int8 method: weights (int8 storage, float math: most accurate), dynamic "
+                              "or static (int8 math via onnxruntime; static calibrates on inputs)."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return wrap
+
+
+def parse_precisions(text: str) -> tuple[str, ...]:
+    from compress.exporters.quantize import PRECISIONS
+
+    out = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    for p in out:
+        if p not in PRECISIONS:
+            raise click.BadParameter(f"'{p}' is not one of {', '.join(PRECISIONS)}",
+                                     param_hint="'--precision'")
+    return out
+
+
+def teacher_options(f: Any) -> Any:
+    opts = [
+        click.option("--output", default=None,
+                     help="ONNX teacher output holding the scores [default: the first float one]."),
+        click.option("--arch", default=None, metavar="MODULE:FACTORY",
+                     help="For a state-dict teacher: a function returning the model (mypkg.nets:resnet)."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow a teacher saved as a whole pickled module. DANGEROUS: unpickling runs any "
+                          "code the file holds; use only for files you trust."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def is_main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def emit(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"'{text}' is not a list of batch sizes like 1,64,256",
+                                 param_hint="'--batch-sizes'")
+    return sizes
