@@ -14,10 +14,12 @@ by held-out loss is kept.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,6 +36,10 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that FitConfig stays
 
 FitProgress = Callable[[dict[str, Any]], None]
 PAD = 16  # class count padded to a multiple of this while training
+# The split CPU step costs its threads about 1 ms a step to meet; from about 100 MFLOP a step it is
+# faster than autograd (2-core CPU, fit loop: 60k vs 58k samples/s at 154 MFLOP, 48k vs 37k at 519,
+# 3.6k vs 2.8k at 25 GFLOP), and below it slower (100k vs 280k samples/s for a 32-wide student).
+SPLIT_MIN_FLOP_PER_STEP = 100e6
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class FitConfig:
     temperature: float = 4.0  # only for loss="kl"
     device: str = "auto"  # "auto" picks cuda when torch sees a GPU
     seed: int = 0  # initialization and shuffling
+    engine: str = "auto"  # "split" (compress.split_step, CPU), "autograd", or auto: split where it pays
 
     def validate(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -58,6 +65,8 @@ class FitConfig:
             raise ConfigError(f"--loss: must be l2, kl or ce, got {self.loss}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device: must be auto, cpu or cuda, got {self.device}")
+        if self.engine not in ("auto", "split", "autograd"):
+            raise ConfigError(f"--engine: must be auto, split or autograd, got {self.engine}")
 
 
 @dataclass
@@ -70,6 +79,7 @@ class FitResult:
     device: str
     history: list[dict[str, float]] = field(default_factory=list)
     world_size: int = 1  # processes that trained it (torchrun)
+    engine: str = "autograd"  # what ran the steps: "autograd" or "split" (compress.split_step)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -80,6 +90,23 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
+
+
+def _use_split(fit_cfg: FitConfig, device: torch.device, ranks: int, cfg: StudentConfig,
+               batch_size: int) -> bool:
+    """The split CPU step (compress.split_step) for single-process CPU runs where it pays."""
+    import torch
+
+    if fit_cfg.engine == "autograd" or device.type != "cpu" or ranks > 1:
+        if fit_cfg.engine == "split":
+            raise ConfigError("--engine split: only for single-process CPU training")
+        return False
+    if fit_cfg.engine == "split":
+        return True
+    weights = (cfg.input_dim * cfg.rank + cfg.rank * cfg.width if cfg.rank else cfg.input_dim * cfg.width
+               ) + cfg.width * cfg.num_classes
+    # torch._fused_adamw_ is the kernel behind AdamW(fused=True); should a torch drop it, autograd runs
+    return 6 * weights * batch_size >= SPLIT_MIN_FLOP_PER_STEP and hasattr(torch, "_fused_adamw_")
 
 
 def auto_epochs(n_train: int, batch_size: int, target_steps: int = 4000) -> int:
@@ -239,50 +266,70 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
         history, seen, step = state["history"], state["seen"], state["step"]
         first_epoch, earlier_seconds = state["epoch"] + 1, state["seconds"]
     model.train()
-    for epoch in range(first_epoch, epochs + 1):
-        running = torch.zeros((), device=device)
-        epoch_start, epoch_seen = time.perf_counter(), seen
-        for k in torch.randperm(len(bounds), generator=gen).tolist():
-            a, b = bounds[k]
-            xt, zt = resident or prep(np.asarray(x_train[a:b]), np.asarray(z_train[a:b]))
-            perm = torch.randperm(b - a, generator=gen).to(device)
-            for i in range(0, b - a, bs):
-                idx = perm[i : i + bs]
-                with autocast:
-                    loss = loss_fn(net(xt[idx])[:, real].float(), zt[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                running += loss.detach()
-                seen += idx.shape[0]
-                step += 1
+    split = None
+    if _use_split(fit_cfg, device, ranks, cfg, bs):
+        from compress.split_step import SplitStep
+
+        split = SplitStep(model, opt, loss_fn, cfg.num_classes, bs, torch.get_num_threads(),
+                          l2=fit_cfg.loss == "l2")
+    with contextlib.ExitStack() as stack:
+        if split is not None:
+            stack.enter_context(split)
+            # the scheduler sets the rate the split step reads; opt.step() itself is never called
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        for epoch in range(first_epoch, epochs + 1):
+            running = torch.zeros((), device=device)
+            epoch_start, epoch_seen = time.perf_counter(), seen
+            for k in torch.randperm(len(bounds), generator=gen).tolist():
+                a, b = bounds[k]
+                xt, zt = resident or prep(np.asarray(x_train[a:b]), np.asarray(z_train[a:b]))
+                perm = torch.randperm(b - a, generator=gen).to(device)
+                for i in range(0, b - a, bs):
+                    idx = perm[i : i + bs]
+                    if split is not None:
+                        loss = split.step(xt, zt, idx)
+                    else:
+                        with autocast:
+                            loss = loss_fn(net(xt[idx])[:, real].float(), zt[idx])
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                    sched.step()
+                    running += loss.detach()
+                    seen += idx.shape[0]
+                    step += 1
+                    now = time.perf_counter()
+                    if progress and now - last_report > 0.25:
+                        last_report = now
+                        progress({"epoch": epoch, "epochs": epochs, "step": step, "steps": total,
+                                  "samples_per_second": seen / (now - t0)})
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            step_seconds = time.perf_counter() - epoch_start  # the optimizer steps alone
+            if split is not None:
+                split.to_model(moments=bool(checkpoint))
+                with split.paused():
+                    val_loss, agreement = evaluate()
+            else:
+                val_loss, agreement = evaluate()
+            train_loss = float(running) / steps_per_epoch * (z_scale**2 if fit_cfg.loss == "l2" else 1)
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                            "agreement": agreement, "step_seconds": step_seconds,
+                            "step_samples_per_second": (seen - epoch_seen) / step_seconds})
+            if val_loss < best[0]:
+                best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
+            if checkpoint and rank == 0:
+                ckpt.save(checkpoint, {"run": run, "epoch": epoch, "model": model.state_dict(),
+                                       "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                       "gen": gen.get_state(), "best_val": best[0], "best_epoch": best[1],
+                                       "best_state": best[2], "history": history, "seen": seen, "step": step,
+                                       "seconds": earlier_seconds + time.perf_counter() - t0})
+            if progress:
                 now = time.perf_counter()
-                if progress and now - last_report > 0.25:
-                    last_report = now
-                    progress({"epoch": epoch, "epochs": epochs, "step": step, "steps": total,
-                              "samples_per_second": seen / (now - t0)})
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        step_seconds = time.perf_counter() - epoch_start  # the optimizer steps alone
-        val_loss, agreement = evaluate()
-        train_loss = float(running) / steps_per_epoch * (z_scale**2 if fit_cfg.loss == "l2" else 1)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                        "agreement": agreement, "step_seconds": step_seconds,
-                        "step_samples_per_second": (seen - epoch_seen) / step_seconds})
-        if val_loss < best[0]:
-            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
-        if checkpoint and rank == 0:
-            ckpt.save(checkpoint, {"run": run, "epoch": epoch, "model": model.state_dict(),
-                                   "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                   "gen": gen.get_state(), "best_val": best[0], "best_epoch": best[1],
-                                   "best_state": best[2], "history": history, "seen": seen, "step": step,
-                                   "seconds": earlier_seconds + time.perf_counter() - t0})
-        if progress:
-            now = time.perf_counter()
-            progress({"epoch": epoch, "epochs": epochs, "step": epoch * steps_per_epoch,
-                      "steps": total, "samples_per_second": seen / (now - t0), "loss": val_loss,
-                      "agreement": agreement})
+                progress({"epoch": epoch, "epochs": epochs, "step": epoch * steps_per_epoch,
+                          "steps": total, "samples_per_second": seen / (now - t0), "loss": val_loss,
+                          "agreement": agreement})
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = earlier_seconds + time.perf_counter() - t0
@@ -296,4 +343,4 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     _fold(model, mu, sd, z_mean, z_scale)
     return FitResult(model=model, epochs=epochs, best_epoch=best[1], seconds=seconds,
                      samples_per_second=seen * ranks / seconds, device=str(device), history=history,
-                     world_size=ranks)
+                     world_size=ranks, engine="autograd" if split is None else "split")

@@ -266,6 +266,7 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
         "exports": extra,
         "train": {
             "world_size": result.world_size,
+            "engine": result.engine,
             "streamed": streamed,
             "epochs": result.epochs,
             "best_epoch": result.best_epoch,
@@ -342,9 +343,10 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
         "fidelity": {"agreement": ev.agreement(zs, z[val_idx]), "logit_rmse": ev.logit_rmse(zs, z[val_idx]),
                      "on": "the held-out 10% of --data"},
         "export": {"path": str(Path(exp.path).resolve()), "max_abs_diff": exp.max_abs_diff},
-        "train": {"world_size": result.world_size, "epochs": result.epochs, "best_epoch": result.best_epoch,
-                  "seconds": result.seconds, "samples_per_second": result.samples_per_second,
-                  "device": result.device, "samples": int(train_idx.size), "history": result.history},
+        "train": {"world_size": result.world_size, "engine": result.engine, "epochs": result.epochs,
+                  "best_epoch": result.best_epoch, "seconds": result.seconds,
+                  "samples_per_second": result.samples_per_second, "device": result.device,
+                  "samples": int(train_idx.size), "history": result.history},
     }
     _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     distributed.finish(world)

@@ -1,0 +1,320 @@
+"""The CPU training step: the hidden layer split across cores, one thread each, no autograd.
+
+Why it exists: on a CPU, autograd's step for this one architecture spends a third of its time outside
+the matmuls' arithmetic: fresh activation and gradient buffers every step, a separate memory pass for
+each bias and bias gradient, and multi-threaded BLAS calls that make both cores meet at every op.
+Here every buffer is allocated once. Each of the N threads owns H/N hidden units (their rows of the
+hidden weights, their rows of the transposed output weights, and the Adam moments of both) and runs
+single-threaded BLAS on them; the cores meet at four barriers a step, each over a few hundred KB:
+the bottleneck activations, the logits, the logit gradient, and the bottleneck gradient. The hidden
+bias rides in the bottleneck matmuls as a column of ones (k padded to a multiple of 16 with it), which
+removes its two memory passes and gives the BLAS a friendlier shape.
+
+The arithmetic is that of `loss.backward()` followed by `torch.optim.AdamW(fused=True)` on the student
+(tests/test_split_step.py compares the two step by step); only the order of float sums differs.
+The optimizer object still owns the hyperparameters and the learning rate (a scheduler stepping it
+drives this step too); `to_model` writes the weights and Adam moments back into the module and the
+optimizer's state in their usual layout, so evaluation, checkpoints and resume are the same as
+autograd's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+PAD = 16
+_SYNC = ("sync",)  # a job that only waits for the threads
+
+
+def _split(n: int, j: int, parts: int) -> slice:
+    return slice(n * j // parts, n * (j + 1) // parts)
+
+
+class SplitStep:
+    """Forward, backward and AdamW for one batch of the student, on `threads` CPU threads.
+
+    `model` is the (class-padded) student on the CPU in float32, `opt` a `torch.optim.AdamW` over
+    its parameters, `loss_fn(s, z)` the fit loss over the first `num_classes` logits (a mean over rows);
+    `l2=True` uses its closed-form gradient. Use as a context manager, or call `close()`."""
+
+    def __init__(self, model: nn.Sequential, opt: torch.optim.Optimizer,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_classes: int,
+                 batch_size: int, threads: int, l2: bool = False) -> None:
+        self.model, self.opt, self.loss_fn, self.l2 = model, opt, loss_fn, l2
+        self.threads, self.c = max(1, threads), num_classes
+        self.bottleneck = hasattr(model, "bottleneck")
+        hidden, out = model.hidden, model.out
+        self.h, self.cp = hidden.out_features, out.out_features
+        self.d = model.bottleneck.in_features if self.bottleneck else hidden.in_features
+        self.k = hidden.in_features if self.bottleneck else 0
+        b, cp, h = batch_size, self.cp, self.h
+        f32 = dict(dtype=torch.float32)
+        if self.bottleneck:  # w1 (kp, D): rows k.. zero; w2 (H, kp): column k is the bias, k+1.. zero
+            self.kp = -(-(self.k + 1) // PAD) * PAD
+            shapes = [(self.kp, self.d), (h, self.kp), (h, cp), (cp,)]
+        else:  # w2 (H, D) and b2 (H,)
+            self.kp = 0
+            shapes = [(h, self.d), (h,), (h, cp), (cp,)]
+        self.params = [torch.zeros(s, **f32) for s in shapes]
+        self.grads = [torch.zeros(s, **f32) for s in shapes]
+        self.m = [torch.zeros(s, **f32) for s in shapes]
+        self.v = [torch.zeros(s, **f32) for s in shapes]
+        self.step_count = 0
+        self._from_model()
+
+        nt = self.threads
+        self.xb, self.tb = torch.empty(b, self.d, **f32), torch.empty(b, num_classes, **f32)
+        self.z1 = torch.zeros(b, self.kp, **f32)
+        self.dy = torch.zeros(b, cp, **f32)  # padded classes keep a zero gradient
+        self.y = [torch.empty(b, cp, **f32) for _ in range(nt)]
+        self.dz = [torch.empty(b, self.kp, **f32) for _ in range(nt)]
+        self.losses = [torch.zeros((), **f32) for _ in range(nt)]
+        self._job: tuple[Any, ...] | None = None
+        self._error: BaseException | None = None
+        self._barrier = threading.Barrier(nt)
+        self._saved_threads = torch.get_num_threads()
+        self._plans = [self._plan(j) for j in range(nt)]
+        torch.set_num_threads(1)
+        self._workers = [threading.Thread(target=self._serve, args=(j,), daemon=True,
+                                          name=f"compress-step-{j}") for j in range(1, nt)]
+        for w in self._workers:
+            w.start()
+
+    # ---- layout: the module's parameters <-> this step's tensors -------------------------------------
+
+    def _views(self, ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of `ts` (in this step's layout) that line up with model.parameters()."""
+        if self.bottleneck:
+            w1, w2, w3, b3 = ts
+            return [w1[: self.k], w2[:, : self.k], w2[:, self.k], w3.t(), b3]
+        w2, b2, w3, b3 = ts
+        return [w2, b2, w3.t(), b3]
+
+    @torch.no_grad()
+    def _from_model(self) -> None:
+        params = list(self.model.parameters())
+        for view, p in zip(self._views(self.params), params, strict=True):
+            view.copy_(p.detach().float())
+        steps = set()
+        for mv, vv, p in zip(self._views(self.m), self._views(self.v), params, strict=True):
+            st = self.opt.state.get(p, {})
+            if "exp_avg" in st:
+                mv.copy_(st["exp_avg"])
+                vv.copy_(st["exp_avg_sq"])
+                steps.add(int(st["step"]))
+        if len(steps) > 1:
+            raise ValueError(f"optimizer state has parameters at different steps: {sorted(steps)}")
+        self.step_count = steps.pop() if steps else 0
+
+    @torch.no_grad()
+    def to_model(self, moments: bool = True) -> None:
+        """Write the weights into the module and (with `moments`) the Adam state into the optimizer."""
+        self.sync()
+        params = list(self.model.parameters())
+        for p, view, mv, vv in zip(params, self._views(self.params), self._views(self.m),
+                                   self._views(self.v), strict=True):
+            p.copy_(view)
+            if moments and self.step_count:
+                self.opt.state[p] = {"step": torch.tensor(float(self.step_count)),
+                                     "exp_avg": mv.clone(), "exp_avg_sq": vv.clone()}
+
+    # ---- the threads ---------------------------------------------------------------------------------
+
+    def _plan(self, j: int) -> dict[str, Any]:
+        """Thread j's hidden units, its slice of the bottleneck rows, and its Adam tensors."""
+        nt, b = self.threads, self.xb.shape[0]
+        hs = _split(self.h, j, nt)
+        plan = {"hs": hs, "step": torch.zeros(()), "a": torch.empty(b, hs.stop - hs.start),
+                "da": torch.empty(b, hs.stop - hs.start)}
+        if self.bottleneck:
+            ks = _split(self.k, j, nt)
+            plan["ks"] = ks
+            plan["dzk"] = torch.empty(b, ks.stop - ks.start)
+            late = [(0, ks)]  # the bottleneck rows: their gradient needs every thread's part
+        else:
+            late = [(0, hs), (1, hs)]  # the first layer: its gradient comes last
+        early = [(1, hs), (2, hs)] if self.bottleneck else [(2, hs)]
+        if j == 0:
+            early.append((3, slice(None)))
+        # Adam is memory-bound and the matmuls compute-bound: even threads update their hidden units
+        # while odd ones run a matmul, so the two kinds overlap instead of queueing for memory together.
+        if j % 2 == 0:
+            plan["adam_early"], plan["adam_late"] = self._adam_lists(early), self._adam_lists(late)
+        else:
+            plan["adam_early"], plan["adam_late"] = None, self._adam_lists(early + late)
+        return plan
+
+    def _adam_lists(self, own: list[tuple[int, slice]]) -> tuple[list[torch.Tensor], ...]:
+        return tuple([t[i][s] for i, s in own] for t in (self.params, self.grads, self.m, self.v))
+
+    # A step starts when every thread has reached the barrier: the caller with a new job, the others
+    # done with the last one; so a step's end needs no barrier of its own, only `sync()` before
+    # anyone reads the weights. The caller can post the next job only after the threads have read
+    # the last one: a step's threads meet again inside it, a sync's meet twice.
+
+    def _serve(self, j: int) -> None:
+        torch.set_num_threads(1)
+        while True:
+            try:
+                self._barrier.wait()
+                if self._job is None:  # close()
+                    return
+                if self._job is _SYNC:  # a second meeting, so that no one posts a job before all read it
+                    self._barrier.wait()
+                    continue
+            except threading.BrokenBarrierError:
+                return
+            self._run(j)
+
+    def _run(self, j: int) -> None:
+        try:
+            self._work(j, *self._job)  # type: ignore[misc]
+        except threading.BrokenBarrierError:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the caller of step()
+            self._error = self._error or e
+            self._barrier.abort()
+
+    def _start(self, job: tuple[Any, ...] | None) -> None:
+        self._job = job
+        try:
+            self._barrier.wait()
+        except threading.BrokenBarrierError:
+            self._raise()
+            raise
+
+    def _raise(self) -> None:
+        if self._error is not None:  # the threads have left: this step object is spent
+            raise self._error
+
+    def step(self, x: torch.Tensor, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on rows `idx` of (x, z); returns the batch loss (a 0-dim tensor).
+        The other threads may still be finishing their share when it returns: `sync()` waits."""
+        group = self.opt.param_groups[0]
+        self.step_count += 1
+        self._start((x, z, idx, self.step_count, float(group["lr"]), group["betas"], float(group["eps"]),
+                     float(group["weight_decay"])))
+        self._run(0)
+        self._raise()
+        return sum(self.losses[1:], self.losses[0].clone())  # all were written before the last barrier
+
+    def sync(self) -> None:
+        """Wait until every thread has finished the last step."""
+        self._start(_SYNC)
+        self._meet()
+
+    def _meet(self) -> None:
+        try:
+            self._barrier.wait()
+        except threading.BrokenBarrierError:
+            self._raise()
+            raise
+
+    def close(self) -> None:
+        try:
+            self._start(None)  # the threads see no job and return
+        except BaseException:  # noqa: BLE001 - closing after a failed step
+            self._barrier.abort()
+        for w in self._workers:
+            w.join(timeout=10)
+        torch.set_num_threads(self._saved_threads)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """All cores back to ordinary torch ops (evaluation between epochs)."""
+        self.sync()
+        torch.set_num_threads(self._saved_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
+
+    def __enter__(self) -> SplitStep:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- one thread's share of a step ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def _work(self, j: int, x: torch.Tensor, z: torch.Tensor, idx: torch.Tensor, step: int, lr: float,
+              betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+        nt, plan, n = self.threads, self._plans[j], idx.shape[0]
+        bs, hs = _split(n, j, nt), plan["hs"]
+        mm, wait = torch.mm, self._barrier.wait
+        a, da = plan["a"][:n], plan["da"][:n]
+        w_in, w_out = self.params[0], self.params[2][hs]
+        g = self.grads
+        xb, dy = self.xb[:n], self.dy[:n]
+
+        torch.index_select(x, 0, idx[bs], out=self.xb[bs])
+        torch.index_select(z, 0, idx[bs], out=self.tb[bs])
+        if self.bottleneck:
+            z1 = self.z1[:n]
+            mm(self.xb[bs], w_in.t(), out=self.z1[bs])
+            self.z1[bs, self.k] = 1.0
+            wait()
+            w_hid = self.params[1][hs]
+            mm(z1, w_hid.t(), out=a)  # the bias is z1's column of ones
+        else:
+            wait()
+            w_hid = self.params[0][hs]
+            torch.addmm(self.params[1][hs], xb, w_hid.t(), out=a)
+        a.relu_()
+        mm(a, w_out, out=self.y[j][:n])
+        wait()
+
+        y = self.y[0][bs] + self.params[3]  # this thread's rows of the logits
+        for other in self.y[1:]:
+            y += other[bs]
+        s, t = y[:, : self.c], self.tb[bs]
+        if self.l2:
+            diff = s - t
+            self.losses[j].copy_(diff.pow(2).sum() * (0.5 / n))
+            torch.mul(diff, 1.0 / n, out=self.dy[bs, : self.c])
+        else:
+            with torch.enable_grad():
+                s = s.detach().requires_grad_(True)
+                loss = self.loss_fn(s, t) * (s.shape[0] / n)  # rows' share of the batch mean
+                loss.backward()
+            self.losses[j].copy_(loss.detach())
+            self.dy[bs, : self.c] = s.grad
+        wait()
+
+        plan["step"].fill_(step)  # this thread's copy: the caller may be posting the next step already
+
+        def adam(lists: tuple[list[torch.Tensor], ...] | None) -> None:
+            if lists:
+                ps, gs, ms, vs = lists
+                torch._fused_adamw_(ps, gs, ms, vs, [], [plan["step"]] * len(ps), amsgrad=False, lr=lr,
+                                    beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps,
+                                    maximize=False)
+
+        if j == 0:
+            torch.sum(dy, 0, out=g[3])
+        mm(a.t(), dy, out=g[2][hs])
+        mm(dy, w_out.t(), out=da)
+        torch.ops.aten.threshold_backward.grad_input(da, a, 0, grad_input=da)
+        if self.bottleneck:
+            mm(da.t(), z1, out=g[1][hs])
+            mm(da, w_hid, out=self.dz[j][:n])
+            wait()
+            adam(plan["adam_early"])
+            ks = plan["ks"]
+            dzk = plan["dzk"][:n]
+            dzk.copy_(self.dz[0][:n, ks])
+            for other in self.dz[1:]:
+                dzk += other[:n, ks]
+            mm(dzk.t(), xb, out=g[0][ks])
+        else:
+            adam(plan["adam_early"])
+            mm(da.t(), xb, out=g[0][hs])
+            torch.sum(da, 0, out=g[1][hs])
+        adam(plan["adam_late"])
