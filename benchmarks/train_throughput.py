@@ -1,9 +1,10 @@
 """Training throughput of the fit loop, as MFU against a matmul peak measured in the same run.
 
 The peak: square matmuls (1024..3072 on CPU in fp32; 4096 and 8192 in bf16 on a GPU), each size run
-back to back for about a second; the best size's sustained rate, measured before and after the runs,
-the higher of the two. The loop: `compress.fit.fit` itself on random data, timed by its per-epoch
-step timer (optimizer steps only, no evaluation), median over the epochs after the first.
+back to back for about a second; the best size's sustained rate, measured before and after each run,
+the higher of the two. The first configuration runs --repeats times; the report gives the spread.
+The loop: `compress.fit.fit` itself on random data, timed by its per-epoch step timer (optimizer
+steps only, no evaluation), median over the epochs after the first.
 Achieved FLOP/s = 6 x weights x samples/s (forward + backward, the usual convention;
 weights = D*k + k*H + H*C, or D*H + H*C with rank 0).
 
@@ -12,7 +13,7 @@ rank 0 to show what the bottleneck buys, and the first again with `engine="autog
 the split CPU step (compress/split_step.py) buys. On a GPU (when torch sees one): the paper-size
 student, D=1845, k=250, H=400k, C=183, in bf16, and rank 0 at the same width.
 
-    python benchmarks/train_throughput.py [--steps-per-epoch 40]
+    python benchmarks/train_throughput.py [--steps-per-epoch 40] [--epochs 6] [--repeats 5]
 Writes benchmarks/results/train_throughput_<device>.{json,md}.
 """
 
@@ -84,58 +85,63 @@ def run(cfg: StudentConfig, batch: int, steps: int, epochs: int, device: str, en
             "epochs_timed": epochs - 1}
 
 
+def measured(cfg: StudentConfig, engine: str, batch: int, args: argparse.Namespace, device: str) -> dict:
+    """One run between two peak measurements; MFU against the higher of the two."""
+    before = matmul_peak(device)
+    r = run(cfg, batch, args.steps_per_epoch, args.epochs, device, engine)
+    after = matmul_peak(device)
+    r.update(peak_before=before, peak_after=after, peak=max(before, after))
+    r["mfu"] = r["flop_per_second"] / r["peak"]
+    print(json.dumps({k: v for k, v in r.items() if k != "samples_per_second_per_epoch"}), flush=True)
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--steps-per-epoch", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=5, help="runs of the first configuration")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else machine()
-    peak_before = matmul_peak(device)
     big = StudentConfig((1845,), 183, 400_000 if device == "cuda" else 8000, 250)
     rank0 = dataclasses.replace(big, rank=0)
     batch = 4096 if device == "cuda" else 256
-    configs = [(big, "auto"), (rank0, "auto")]
+    repeats = [measured(big, "auto", batch, args, device) for _ in range(args.repeats)]
+    head = sorted(repeats, key=lambda r: r["mfu"])[len(repeats) // 2]  # the median run
+    runs = [head, measured(rank0, "auto", batch, args, device)]
     if device == "cpu":  # what the split step buys over autograd on the same student
-        configs.append((big, "autograd"))
-    runs = []
-    for cfg, engine in configs:
-        runs.append(run(cfg, batch, args.steps_per_epoch, args.epochs, device, engine))
-        print(json.dumps(runs[-1]), flush=True)
-    peak_after = matmul_peak(device)
-    peak = max(peak_before, peak_after)  # the higher of the two: the machine is shared
-    for r in runs:
-        r["mfu"] = r["flop_per_second"] / peak
+        runs.append(measured(big, "autograd", batch, args, device))
+    mfus = [r["mfu"] for r in repeats]
     speedup = runs[0]["samples_per_second"] / runs[1]["samples_per_second"]
     result = {"device": device, "device_name": name, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "peak_flop_per_second": peak,
-              "peak_before": peak_before, "peak_after": peak_after,
-              "peak_dtype": "bf16" if device == "cuda" else "fp32", "runs": runs,
-              "bottleneck_speedup_vs_rank0": speedup}
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"train_throughput_{device}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+              "threads": torch.get_num_threads(), "peak_dtype": "bf16" if device == "cuda" else "fp32",
+              "mfu_median": head["mfu"], "mfu_min": min(mfus), "mfu_max": max(mfus),
+              "repeats": repeats, "runs": runs, "bottleneck_speedup_vs_rank0": speedup}
     lines = [f"# Fit-loop throughput on {name}", "",
-             f"torch {torch.__version__}, {result['threads']} threads; {result['peak_dtype']} matmul peak "
-             f"measured in the same run (sustained over 1 s blocks, before and after the runs: "
-             f"{peak_before / 1e9:,.0f} and {peak_after / 1e9:,.0f}; the higher is used): "
-             f"{peak / 1e9:,.0f} GFLOP/s. MFU = 6 x weights x samples/s / peak; samples/s is the median "
-             f"over {args.epochs - 1} timed epochs of {args.steps_per_epoch} steps.",
-             "", "| D | rank | width | classes | batch | weights | engine | samples/s | GFLOP/s | MFU |",
-             "|---:|---:|---:|---:|---:|---:|:--|---:|---:|---:|"]
+             f"torch {torch.__version__}, {result['threads']} threads. Each run sits between two "
+             f"{result['peak_dtype']} matmul peak measurements (square products, sustained over 1 s "
+             "blocks) and its MFU = 6 x weights x samples/s is against the higher of the two; samples/s "
+             f"is the median over {args.epochs - 1} timed epochs of {args.steps_per_epoch} steps.", "",
+             f"The first configuration, run {len(repeats)} times: MFU median {100 * head['mfu']:.1f}%, "
+             f"min {100 * min(mfus):.1f}%, max {100 * max(mfus):.1f}% "
+             f"({', '.join(f'{100 * m:.1f}%' for m in mfus)} in run order). The table shows its median run.",
+             "", "| D | rank | width | classes | batch | weights | engine | samples/s | GFLOP/s "
+             "| peak GFLOP/s | MFU |", "|---:|---:|---:|---:|---:|---:|:--|---:|---:|---:|---:|"]
     for r in runs:
-        gflops = r["flop_per_second"] / 1e9
         lines.append(f"| {r['D']} | {r['rank']} | {r['width']:,} | {r['classes']} | {r['batch']} | "
-                     f"{r['weights']:,} | {r['engine']} | {r['samples_per_second']:,.0f} | {gflops:,.0f} | "
-                     f"{100 * r['mfu']:.1f}% |")
+                     f"{r['weights']:,} | {r['engine']} | {r['samples_per_second']:,.0f} | "
+                     f"{r['flop_per_second'] / 1e9:,.0f} | {r['peak'] / 1e9:,.0f} | {100 * r['mfu']:.1f}% |")
     lines += ["", f"The bottleneck (rank {runs[0]['rank']}) trains {speedup:.2f}x as many samples/s as "
               "rank 0 at the same width."]
     if len(runs) > 2:
         gain = runs[0]["samples_per_second"] / runs[2]["samples_per_second"]
         result["split_speedup_vs_autograd"] = gain
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         lines.append(f"The split CPU step trains {gain:.2f}x as many samples/s as autograd on the same "
                      "student.")
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"train_throughput_{device}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -57,7 +57,7 @@ class SplitStep:
         f32 = dict(dtype=torch.float32)
         if self.bottleneck:  # w1 (kp, D): rows k.. zero; w2 (H, kp): column k is the bias, k+1.. zero
             self.kp = -(-(self.k + 1) // PAD) * PAD
-            shapes = [(self.kp, self.d), (h, self.kp), (h, cp), (cp,)]
+            shapes = [(self.d, self.kp), (h, self.kp), (h, cp), (cp,)]
         else:  # w2 (H, D) and b2 (H,)
             self.kp = 0
             shapes = [(h, self.d), (h,), (h, cp), (cp,)]
@@ -74,7 +74,7 @@ class SplitStep:
         self.dy = torch.zeros(b, cp, **f32)  # padded classes keep a zero gradient
         self.y = [torch.empty(b, cp, **f32) for _ in range(nt)]
         self.dz = [torch.empty(b, self.kp, **f32) for _ in range(nt)]
-        self.losses = [torch.zeros((), **f32) for _ in range(nt)]
+        self.loss = torch.zeros((), **f32)
         self._job: tuple[Any, ...] | None = None
         self._error: BaseException | None = None
         self._barrier = threading.Barrier(nt)
@@ -92,7 +92,7 @@ class SplitStep:
         """Views of `ts` (in this step's layout) that line up with model.parameters()."""
         if self.bottleneck:
             w1, w2, w3, b3 = ts
-            return [w1[: self.k], w2[:, : self.k], w2[:, self.k], w3.t(), b3]
+            return [w1[:, : self.k].t(), w2[:, : self.k], w2[:, self.k], w3.t(), b3]
         w2, b2, w3, b3 = ts
         return [w2, b2, w3.t(), b3]
 
@@ -133,10 +133,10 @@ class SplitStep:
         plan = {"hs": hs, "step": torch.zeros(()), "a": torch.empty(b, hs.stop - hs.start),
                 "da": torch.empty(b, hs.stop - hs.start)}
         if self.bottleneck:
-            ks = _split(self.k, j, nt)
-            plan["ks"] = ks
-            plan["dzk"] = torch.empty(b, ks.stop - ks.start)
-            late = [(0, ks)]  # the bottleneck rows: their gradient needs every thread's part
+            ds = _split(self.d, j, nt)
+            plan["ds"] = ds
+            plan["dz"] = torch.empty(b, self.kp)
+            late = [(0, ds)]  # the bottleneck's input rows: their gradient needs every thread's part
         else:
             late = [(0, hs), (1, hs)]  # the first layer: its gradient comes last
         early = [(1, hs), (2, hs)] if self.bottleneck else [(2, hs)]
@@ -202,7 +202,7 @@ class SplitStep:
                      float(group["weight_decay"])))
         self._run(0)
         self._raise()
-        return sum(self.losses[1:], self.losses[0].clone())  # all were written before the last barrier
+        return self.loss.clone()
 
     def sync(self) -> None:
         """Wait until every thread has finished the last step."""
@@ -258,7 +258,7 @@ class SplitStep:
         torch.index_select(z, 0, idx[bs], out=self.tb[bs])
         if self.bottleneck:
             z1 = self.z1[:n]
-            mm(self.xb[bs], w_in.t(), out=self.z1[bs])
+            mm(self.xb[bs], w_in, out=self.z1[bs])
             self.z1[bs, self.k] = 1.0
             wait()
             w_hid = self.params[1][hs]
@@ -271,21 +271,23 @@ class SplitStep:
         mm(a, w_out, out=self.y[j][:n])
         wait()
 
-        y = self.y[0][bs] + self.params[3]  # this thread's rows of the logits
-        for other in self.y[1:]:
-            y += other[bs]
-        s, t = y[:, : self.c], self.tb[bs]
-        if self.l2:
-            diff = s - t
-            self.losses[j].copy_(diff.pow(2).sum() * (0.5 / n))
-            torch.mul(diff, 1.0 / n, out=self.dy[bs, : self.c])
-        else:
-            with torch.enable_grad():
-                s = s.detach().requires_grad_(True)
-                loss = self.loss_fn(s, t) * (s.shape[0] / n)  # rows' share of the batch mean
-                loss.backward()
-            self.losses[j].copy_(loss.detach())
-            self.dy[bs, : self.c] = s.grad
+        if j == 0:  # the loss: a few small ops, cheaper on one thread than fought over for the GIL
+            y = torch.add(self.y[0][:n, : self.c], self.params[3][: self.c])
+            for other in self.y[1:]:
+                y += other[:n, : self.c]
+            t = self.tb[:n]
+            if self.l2:
+                diff = y.sub_(t)
+                torch.mul(diff.pow(2).sum(), 0.5 / n, out=self.loss)
+                torch.mul(diff, 1.0 / n, out=dy[:, : self.c])
+            else:
+                with torch.enable_grad():
+                    y.requires_grad_(True)
+                    loss = self.loss_fn(y, t)
+                    loss.backward()
+                self.loss.copy_(loss.detach())
+                dy[:, : self.c] = y.grad
+            torch.sum(dy, 0, out=g[3])
         wait()
 
         plan["step"].fill_(step)  # this thread's copy: the caller may be posting the next step already
@@ -297,8 +299,6 @@ class SplitStep:
                                     beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps,
                                     maximize=False)
 
-        if j == 0:
-            torch.sum(dy, 0, out=g[3])
         mm(a.t(), dy, out=g[2][hs])
         mm(dy, w_out.t(), out=da)
         torch.ops.aten.threshold_backward.grad_input(da, a, 0, grad_input=da)
@@ -307,12 +307,11 @@ class SplitStep:
             mm(da, w_hid, out=self.dz[j][:n])
             wait()
             adam(plan["adam_early"])
-            ks = plan["ks"]
-            dzk = plan["dzk"][:n]
-            dzk.copy_(self.dz[0][:n, ks])
+            ds, dz = plan["ds"], plan["dz"][:n]
+            dz.copy_(self.dz[0][:n])
             for other in self.dz[1:]:
-                dzk += other[:n, ks]
-            mm(dzk.t(), xb, out=g[0][ks])
+                dz += other[:n]
+            mm(xb[:, ds].t(), dz, out=g[0][ds])
         else:
             adam(plan["adam_early"])
             mm(da.t(), xb, out=g[0][hs])
