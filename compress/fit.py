@@ -325,6 +325,8 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
                                        "gen": gen.get_state(), "best_val": best[0], "best_epoch": best[1],
                                        "best_state": best[2], "history": history, "seen": seen, "step": step,
                                        "seconds": earlier_seconds + time.perf_counter() - t0})
+            if split is not None:
+                opt.state.clear()  # the split step holds the moments; this copy was for the file
             if progress:
                 now = time.perf_counter()
                 progress({"epoch": epoch, "epochs": epochs, "step": epoch * steps_per_epoch,

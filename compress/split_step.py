@@ -111,6 +111,7 @@ class SplitStep:
         if len(steps) > 1:
             raise ValueError(f"optimizer state has parameters at different steps: {sorted(steps)}")
         self.step_count = steps.pop() if steps else 0
+        self.opt.state.clear()  # held here until to_model(); two copies of a large student's moments cost GBs
 
     @torch.no_grad()
     def to_model(self, moments: bool = True) -> None:
