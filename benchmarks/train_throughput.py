@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_exports import machine  # noqa: E402
 from compress.fit import FitConfig, fit  # noqa: E402
-from compress.student import StudentConfig  # noqa: E402
+from compress.student import StudentConfig, flops_per_sample  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -66,8 +66,7 @@ def matmul_peak(device: str, seconds: float = 1.0) -> float:
 
 
 def weights(cfg: StudentConfig) -> int:
-    d, k, h, c = cfg.input_dim, cfg.rank, cfg.width, cfg.num_classes
-    return (d * k + k * h if k else d * h) + h * c
+    return flops_per_sample(cfg) // 2  # D*k + k*H + H*C (D*H + H*C at rank 0): the multiply-adds
 
 
 def run(cfg: StudentConfig, batch: int, steps: int, epochs: int, device: str, engine: str) -> dict:

@@ -28,7 +28,7 @@ import numpy as np
 
 from compress import checkpoint as ckpt
 from compress.errors import ConfigError
-from compress.student import StudentConfig, build_student
+from compress.student import StudentConfig, build_student, flops_per_sample
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that FitConfig stays cheap to import
     import torch
@@ -103,10 +103,9 @@ def _use_split(fit_cfg: FitConfig, device: torch.device, ranks: int, cfg: Studen
         return False
     if fit_cfg.engine == "split":
         return True
-    weights = (cfg.input_dim * cfg.rank + cfg.rank * cfg.width if cfg.rank else cfg.input_dim * cfg.width
-               ) + cfg.width * cfg.num_classes
+    step_flop = 3 * flops_per_sample(cfg) * batch_size  # forward + backward: 6 x weights a sample
     # torch._fused_adamw_ is the kernel behind AdamW(fused=True); should a torch drop it, autograd runs
-    return 6 * weights * batch_size >= SPLIT_MIN_FLOP_PER_STEP and hasattr(torch, "_fused_adamw_")
+    return step_flop >= SPLIT_MIN_FLOP_PER_STEP and hasattr(torch, "_fused_adamw_")
 
 
 def auto_epochs(n_train: int, batch_size: int, target_steps: int = 4000) -> int:

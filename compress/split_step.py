@@ -184,11 +184,7 @@ class SplitStep:
 
     def _start(self, job: tuple[Any, ...] | None) -> None:
         self._job = job
-        try:
-            self._barrier.wait()
-        except threading.BrokenBarrierError:
-            self._raise()
-            raise
+        self._meet()
 
     def _raise(self) -> None:
         if self._error is not None:  # the threads have left: this step object is spent
@@ -211,6 +207,7 @@ class SplitStep:
         self._meet()
 
     def _meet(self) -> None:
+        """Every thread at the barrier; a failed thread's error is raised here."""
         try:
             self._barrier.wait()
         except threading.BrokenBarrierError:

@@ -65,6 +65,19 @@ def test_auto_epochs():
     assert auto_epochs(40_000, 128) == 13
 
 
+def interrupt_and_resume(x, z, cfg, fc, ck, stop_epoch):
+    """Fit on x[:500] with a checkpoint, stopped (KeyboardInterrupt) after `stop_epoch`; then resume."""
+    import pytest
+
+    def stop(info):
+        if info.get("epoch") == stop_epoch and "loss" in info:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, stop, checkpoint=ck)
+    return fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, checkpoint=ck, resume=True)
+
+
 def test_interrupted_fit_resumes_to_the_same_weights(tmp_path):
     import pytest
 
@@ -74,14 +87,8 @@ def test_interrupted_fit_resumes_to_the_same_weights(tmp_path):
     cfg, fc = StudentConfig((12,), 5, 64, 6), FitConfig(epochs=6)
     full = fit(x[:500], z[:500], x[500:], z[500:], cfg, fc)
 
-    def stop_after_epoch_3(info):
-        if info.get("epoch") == 3 and "loss" in info:
-            raise KeyboardInterrupt
-
     ck = str(tmp_path / "checkpoint.pt")
-    with pytest.raises(KeyboardInterrupt):
-        fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, stop_after_epoch_3, checkpoint=ck)
-    resumed = fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, checkpoint=ck, resume=True)
+    resumed = interrupt_and_resume(x, z, cfg, fc, ck, stop_epoch=3)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k

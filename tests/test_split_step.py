@@ -11,6 +11,7 @@ from compress.errors import ConfigError
 from compress.fit import FitConfig, _loss_fn, fit
 from compress.split_step import SplitStep
 from compress.student import StudentConfig, build_student
+from tests.test_fit import interrupt_and_resume
 
 
 @pytest.mark.parametrize("rank", [6, 0])
@@ -111,15 +112,9 @@ def test_split_fit_resumes_to_the_same_weights(tmp_path):
     cfg, fc = StudentConfig((20,), 7, 64, 6), FitConfig(epochs=4, engine="split")
     full = fit(x[:500], z[:500], x[500:], z[500:], cfg, fc)
 
-    def stop_after_epoch_2(info):
-        if info.get("epoch") == 2 and "loss" in info:
-            raise KeyboardInterrupt
-
     ck = str(tmp_path / "checkpoint.pt")
-    with pytest.raises(KeyboardInterrupt):
-        fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, stop_after_epoch_2, checkpoint=ck)
+    resumed = interrupt_and_resume(x, z, cfg, fc, ck, stop_epoch=2)
     assert not any(t.name.startswith("compress-step") for t in threading.enumerate())
-    resumed = fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, checkpoint=ck, resume=True)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
