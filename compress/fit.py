@@ -28,7 +28,8 @@ import numpy as np
 
 from compress import checkpoint as ckpt
 from compress.errors import ConfigError
-from compress.student import StudentConfig, build_student, flops_per_sample
+from compress.feed import Feed, activation_bytes, plan_cuda
+from compress.student import StudentConfig, build_student, count_params, flops_per_sample
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that FitConfig stays cheap to import
     import torch
@@ -80,6 +81,9 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     world_size: int = 1  # processes that trained it (torchrun)
     engine: str = "autograd"  # what ran the steps: "autograd" or "split" (compress.split_step)
+    batch_size: int = 0  # samples per step as trained (a GPU's memory may have asked for fewer)
+    streamed: bool = False  # the training rows were read in blocks, not held whole
+    notes: list[str] = field(default_factory=list)  # what was changed from the request, and why
 
 
 def resolve_device(device: str) -> torch.device:
@@ -166,13 +170,15 @@ def _moments(x: Any, d: int, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarra
 def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
         cfg: StudentConfig, fit_cfg: FitConfig = FitConfig(),
         progress: FitProgress | None = None, stream_rows: int | None = None,
-        checkpoint: str | None = None, resume: bool = False, world: Any = None) -> FitResult:
+        checkpoint: str | None = None, resume: bool = False, world: Any = None,
+        read_ahead: bool = True) -> FitResult:
     """Train a student on (inputs, teacher logits); score on the held-out pair every epoch.
 
     By default the training set is held in memory as tensors. With `stream_rows`, x_train and
     z_train may be anything sliceable by rows (a memory map, `Shards`, `Rows`): each epoch reads
     blocks of that many rows in a shuffled order and shuffles the rows within each block, so memory
-    holds one block at a time. With `checkpoint`, the state is saved there after every epoch; with
+    holds two blocks at a time: the one training and the next (read ahead on a thread of its own
+    unless `read_ahead` is False). With `checkpoint`, the state is saved there after every epoch; with
     `resume`, a checkpoint of the same run continues where it stopped. Under torchrun (`world` of
     several ranks) each rank trains on its own equal random shard with DDP; statistics, validation
     and the best epoch are the same on every rank; only rank 0 writes the checkpoint."""
@@ -201,22 +207,34 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     def prep(x: np.ndarray, z: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         xs = ((x.reshape(x.shape[0], d) - mu) / sd).astype(np.float32)
         zs = ((z - z_mean) / z_scale).astype(np.float32)
-        return torch.from_numpy(xs).to(device), torch.from_numpy(zs).to(device)
+        return torch.from_numpy(xs), torch.from_numpy(zs)  # on the CPU; the feed moves them
 
     if ranks > 1:  # an equal random shard per rank: DDP needs the same number of steps everywhere
         per = n // ranks
         mine = np.sort(np.random.default_rng(fit_cfg.seed).permutation(n)[rank * per : (rank + 1) * per])
         x_train, z_train, n = np.asarray(x_train)[mine], np.asarray(z_train)[mine], per
-    bounds = [(a, min(n, a + (stream_rows or n))) for a in range(0, n, stream_rows or n)]
-    resident = None if stream_rows else prep(np.asarray(x_train), np.asarray(z_train))  # one block
-    xv, zv = prep(x_val, z_val)
-    teacher_top = zv.argmax(dim=1)
-
     # Trained with the class count padded to a multiple of 16: an odd count such as 183 ran the output
     # matmul at 180 GFLOP/s against 309 for 192 on the 2-core CPU (GPU tensor cores want it too). Only
     # the real classes reach the loss; the real-size student is sliced out after training.
     c_pad = -(-cfg.num_classes // PAD) * PAD
-    model = build_student(dataclasses.replace(cfg, num_classes=c_pad)).to(device)
+    padded = dataclasses.replace(cfg, num_classes=c_pad)
+    bs, notes = min(fit_cfg.batch_size, n), []
+    if device.type == "cuda":  # the batch and the training rows sized to the GPU's free memory
+        plan = plan_cuda(count_params(padded), activation_bytes(d, cfg.rank, cfg.width, c_pad), bs, n,
+                         4 * (d + cfg.num_classes), torch.cuda.mem_get_info(device)[0], what=str(device))
+        bs = plan.batch
+        notes += [plan.note] if plan.note else []
+        if plan.stream_rows and plan.stream_rows < (stream_rows or n):
+            stream_rows = plan.stream_rows
+            notes.append(f"the training rows do not fit on {device} beside the student: streamed in "
+                         f"blocks of {stream_rows:,} rows")
+    bounds = [(a, min(n, a + (stream_rows or n))) for a in range(0, n, stream_rows or n)]
+    feed = Feed(x_train, z_train, bounds, prep, device, prefetch=read_ahead)
+    xv, zv = prep(x_val, z_val)
+    xv, zv = xv.to(device), zv.to(device)
+    teacher_top = zv.argmax(dim=1)
+
+    model = build_student(padded).to(device)
     model.relu.inplace = True  # one activation buffer fewer per step
     real = slice(0, cfg.num_classes)
     net = model
@@ -226,7 +244,6 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=fit_cfg.lr, weight_decay=fit_cfg.weight_decay,
                             fused=True)  # one kernel over all parameters, on CPU as on GPU
-    bs = min(fit_cfg.batch_size, n)
     steps_per_epoch = sum(math.ceil((b - a) / bs) for a, b in bounds)
     epochs = fit_cfg.epochs or auto_epochs(n, bs)
     total = epochs * steps_per_epoch
@@ -280,11 +297,10 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
         for epoch in range(first_epoch, epochs + 1):
             running = torch.zeros((), device=device)
             epoch_start, epoch_seen = time.perf_counter(), seen
-            for k in torch.randperm(len(bounds), generator=gen).tolist():
-                a, b = bounds[k]
-                xt, zt = resident or prep(np.asarray(x_train[a:b]), np.asarray(z_train[a:b]))
-                perm = torch.randperm(b - a, generator=gen).to(device)
-                for i in range(0, b - a, bs):
+            for xt, zt in feed.epoch(torch.randperm(len(bounds), generator=gen).tolist()):
+                rows = xt.shape[0]
+                perm = torch.randperm(rows, generator=gen).to(device)
+                for i in range(0, rows, bs):
                     idx = perm[i : i + bs]
                     if split is not None:
                         loss = split.step(xt, zt, idx)
@@ -303,6 +319,7 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
                         last_report = now
                         progress({"epoch": epoch, "epochs": epochs, "step": step, "steps": total,
                                   "samples_per_second": seen / (now - t0)})
+                del xt, zt  # so that the feed holds at most the next block and the one after it
             if device.type == "cuda":
                 torch.cuda.synchronize()
             step_seconds = time.perf_counter() - epoch_start  # the optimizer steps alone
@@ -344,4 +361,5 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     _fold(model, mu, sd, z_mean, z_scale)
     return FitResult(model=model, epochs=epochs, best_epoch=best[1], seconds=seconds,
                      samples_per_second=seen * ranks / seconds, device=str(device), history=history,
-                     world_size=ranks, engine="autograd" if split is None else "split")
+                     world_size=ranks, engine="autograd" if split is None else "split", batch_size=bs,
+                     streamed=len(bounds) > 1, notes=notes)

@@ -214,7 +214,8 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
 
     # 3. fit on the training part, score on the held-out part
     x_val = np.asarray(x[val_idx], dtype=np.float32)
-    stream_rows = max(opts.fit.batch_size, budget // (2 * row_bytes)) if streamed else None
+    # streamed: three blocks at most in memory at once (compress/feed.py reads the next one ahead)
+    stream_rows = max(opts.fit.batch_size, budget // (3 * row_bytes)) if streamed else None
     checkpoint = out / "checkpoint.pt"
     result = fit(x_train, z_train, x_val, np.asarray(z[val_idx]), cfg, opts.fit,
                  lambda info: say("fit", **info), stream_rows=stream_rows,
@@ -267,14 +268,15 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
         "train": {
             "world_size": result.world_size,
             "engine": result.engine,
-            "streamed": streamed,
+            "streamed": streamed or result.streamed,
             "epochs": result.epochs,
             "best_epoch": result.best_epoch,
             "seconds": result.seconds,
             "samples_per_second": result.samples_per_second,
             "device": result.device,
             "samples": int(len(x_train)),
-            "batch_size": opts.fit.batch_size,
+            "batch_size": result.batch_size,
+            "notes": result.notes,
             "lr": opts.fit.lr,
             "loss": opts.fit.loss,
             "seed": opts.fit.seed,
@@ -346,7 +348,8 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
         "train": {"world_size": result.world_size, "engine": result.engine, "epochs": result.epochs,
                   "best_epoch": result.best_epoch, "seconds": result.seconds,
                   "samples_per_second": result.samples_per_second, "device": result.device,
-                  "samples": int(train_idx.size), "history": result.history},
+                  "samples": int(train_idx.size), "batch_size": result.batch_size,
+                  "streamed": result.streamed, "notes": result.notes, "history": result.history},
     }
     _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     distributed.finish(world)

@@ -60,6 +60,12 @@ def cli() -> None:
     """Distill a trained classifier into a wide, shallow student and ship it as ONNX (SNN-MIMIC)."""
 
 
+def say_notes(report: dict[str, Any]) -> None:
+    """What training changed from the request (a batch size that did not fit the GPU...), on stderr."""
+    for note in report.get("train", {}).get("notes", []):
+        click.echo(f"Note: {note}", err=True)
+
+
 @cli.command()
 @click.argument("teachers", nargs=-1, required=True, metavar="TEACHER [TEACHER...]")
 @click.option("--data", required=True, type=click.Path(path_type=Path),
@@ -110,6 +116,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
         report = run(list(teachers), data, opts, eval_data, eval_labels, progress=view.update)
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return
+    say_notes(report)
     emit(report, as_json)
     if not as_json:
         console.print(f"Wrote {out_dir}/student.onnx, student.pt, report.json, report.md")
@@ -229,6 +236,7 @@ def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, 
         report = fit_targets(data, targets_path, opts, input_name, output_name, progress=view.update)
     if report is None:
         return
+    say_notes(report)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
