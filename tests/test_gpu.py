@@ -1,0 +1,50 @@
+"""Training on a GPU: `make test-all` on a machine with one (they are skipped without)."""
+
+import numpy as np
+import pytest
+import torch
+
+from compress.feed import CUDA_RESERVE, Feed, activation_bytes
+from compress.fit import PAD, FitConfig, fit
+from compress.student import StudentConfig, count_params
+from tests.test_fit import realizable
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU")]
+
+
+def test_a_gpu_student_is_as_good_as_the_cpu_one():
+    x, z = realizable(3000)
+    cfg = StudentConfig((12,), 5, 256, 6)
+    got = {dev: fit(x[:2700], z[:2700], x[2700:], z[2700:], cfg, FitConfig(epochs=30, device=dev))
+           for dev in ("cpu", "cuda")}
+    assert got["cuda"].device.startswith("cuda") and got["cuda"].engine == "autograd"
+    assert got["cuda"].history[-1]["agreement"] >= got["cpu"].history[-1]["agreement"] - 0.03
+    with torch.no_grad():  # the returned student is on the CPU, raw inputs in, raw logits out
+        s = got["cuda"].model(torch.from_numpy(x[2700:])).numpy()
+    assert (s.argmax(1) == z[2700:].argmax(1)).mean() > 0.9
+
+
+def test_the_feed_copies_blocks_to_the_gpu_intact():
+    x = np.random.default_rng(0).standard_normal((1000, 7)).astype(np.float32)
+    z = np.random.default_rng(1).standard_normal((1000, 3)).astype(np.float32)
+    bounds = [(a, a + 250) for a in range(0, 1000, 250)]
+    feed = Feed(x, z, bounds, lambda a, b: (torch.from_numpy(a * 1.0), torch.from_numpy(b)),
+                torch.device("cuda"))
+    for k, (xt, zt) in zip([3, 1, 0, 2], feed.epoch([3, 1, 0, 2]), strict=True):
+        assert xt.is_cuda
+        a, b = bounds[k]
+        np.testing.assert_array_equal(xt.cpu().numpy(), x[a:b])
+        np.testing.assert_array_equal(zt.cpu().numpy(), z[a:b])
+
+
+def test_rows_that_do_not_fit_on_the_gpu_are_streamed(monkeypatch):
+    x, z = realizable(3000)
+    cfg = StudentConfig((12,), 5, 256, 6)
+    padded = StudentConfig((12,), PAD, 256, 6)
+    act = activation_bytes(12, 6, 256, PAD)
+    free = int((CUDA_RESERVE + 18 * count_params(padded) + 128 * act + 60_000) / 0.9) + 1  # ~60 KB for rows
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    res = fit(x[:2700], z[:2700], x[2700:], z[2700:], cfg, FitConfig(epochs=30, device="cuda"))
+    assert res.streamed and any("streamed in blocks" in n for n in res.notes)
+    assert res.history[-1]["agreement"] > 0.88
