@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from compress.fit import FitConfig, _fold, auto_epochs, fit
+from compress.fit import FitConfig, _fold, auto_epochs, fit, standardize
 from compress.student import StudentConfig, build_student
 
 
@@ -99,3 +99,11 @@ def test_interrupted_fit_resumes_to_the_same_weights(tmp_path):
         fit(x[:500], z[:500], x[500:], z[500:], cfg, FitConfig(epochs=6, lr=1e-2), checkpoint=ck, resume=True)
     with pytest.raises(ConfigError, match="input_mean"):
         fit(x[:500] + 1, z[:500], x[500:], z[500:], cfg, fc, checkpoint=ck, resume=True)
+
+
+def test_standardize_in_chunks_matches_the_float64_formula():
+    x, _ = realizable(100)
+    mu, sd = x.astype(np.float64).mean(0), x.astype(np.float64).std(0)
+    got = standardize(x, mu, sd, chunk=7)  # 15 chunks, the last one short
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_allclose(got, (x - mu) / sd, rtol=1e-5, atol=1e-5)
