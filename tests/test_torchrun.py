@@ -44,3 +44,16 @@ def test_targets_data_parallel(tmp_path, digits_files):
     assert one.exit_code == 0
     np.testing.assert_allclose(np.load(tmp_path / "z2.npy"), np.load(tmp_path / "z1.npy"),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_distill_data_parallel(tmp_path, digits_files):
+    """A transfer set over --memory-budget: each rank reads its own shard of rows block by block."""
+    f = digits_files
+    args = ["distill", str(f["teacher"]), "--data", str(f["x"]), "--eval-data", str(f["x_test"]),
+            "--eval-labels", str(f["y_test"]), "--width", "1k", "--rank", "32", "--bench-seconds", "0.05",
+            "--memory-budget", "150K", "--json", "--out", str(tmp_path / "ddp")]
+    done = subprocess.run([*TORCHRUN, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["train"]["world_size"] == 2 and report["train"]["streamed"] is True
+    assert report["student"]["accuracy"] >= report["teacher"]["accuracy"] - 0.03
