@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_exports.py
 	$(BIN)/python benchmarks/targets_scale.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/read_ahead.py
 	$(BIN)/python benchmarks/augment.py
 
 # Ba & Caruana's Table 1 on MNIST-1D (about 10 minutes on 2 CPU cores)
