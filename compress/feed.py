@@ -13,7 +13,6 @@ the one after that is being read.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +49,10 @@ class Feed:
             return (xt, zt), None
         import torch
 
+        if stream is None:  # the one resident block: copied once, no need to lock its pages
+            return (xt.to(self.device), zt.to(self.device)), None
         xt, zt = xt.pin_memory(), zt.pin_memory()
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        with torch.cuda.stream(stream):
             block = (xt.to(self.device, non_blocking=True), zt.to(self.device, non_blocking=True))
             done = torch.cuda.Event()
             done.record()
