@@ -110,6 +110,8 @@ def latency_of(fn: Any, sample: np.ndarray, batch_sizes: tuple[int, ...], budget
 def bench(paths: list[str | Path], batch_sizes: tuple[int, ...] = (1, 64, 256), provider: str = "cpu",
           threads: int | None = None, budget_s: float = 1.0) -> dict[str, Any]:
     """Latency of each model at each batch size, with what it ran on."""
+    from compress.exporters.onnx import onnx_size
+
     models = []
     for p in paths:
         p = Path(p)
@@ -124,7 +126,7 @@ def bench(paths: list[str | Path], batch_sizes: tuple[int, ...] = (1, 64, 256), 
             raise ConfigError(f"MODEL {p}: onnxruntime cannot load it ({first})") from None
         dims = sess.get_inputs()[0].shape
         fixed = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
-        models.append({"model": str(p), "size_bytes": p.stat().st_size,
+        models.append({"model": str(p), "size_bytes": onnx_size(p),  # with a weights file beside it
                        "latency_ms": latency(sess, None, batch_sizes, fixed, budget_s),
                        "providers": sess.get_providers()})
     return {"provider": provider, "threads": threads, "cpu_count": os.cpu_count(), "models": models}

@@ -17,6 +17,7 @@ def describe_onnx(path: Path, output: str | None) -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
 
+    from compress.exporters.onnx import onnx_size
     from compress.teachers.onnx_teacher import OnnxTeacher, onnx_param_count, output_kind_guess, pick_output
 
     try:
@@ -27,7 +28,7 @@ def describe_onnx(path: Path, output: str | None) -> dict[str, Any]:
     except Exception as e:
         raise TeacherError(f"MODEL {path}: not a valid ONNX model ({type(e).__name__})") from None
     info: dict[str, Any] = {
-        "path": str(path), "format": "onnx", "size_bytes": path.stat().st_size,
+        "path": str(path), "format": "onnx", "size_bytes": onnx_size(path),
         "params": onnx_param_count(model), "ir_version": model.ir_version,
         "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "producer": f"{model.producer_name} {model.producer_version}".strip() or None,

@@ -113,7 +113,7 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     from compress import distributed
     from compress import evaluate as ev
     from compress.exporters.onnx import export_onnx, student_to_onnx
-    from compress.exporters.quantize import export_precision
+    from compress.exporters.quantize import export_precision, refuse_too_large
     from compress.fit import fit
     from compress.student import save_student
     from compress.targets import cache_key, compute_targets, compute_targets_distributed, load_cached
@@ -152,6 +152,8 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     train_idx, val_idx = holdout_split(x.shape[0], opts.fit.seed)
     probe = teacher.logits(np.asarray(x[0:1], dtype=np.float32))  # the class count; that it runs
     cfg = student_config(sample_shape, probe.shape[1], opts.width, opts.rank)
+    for p in opts.precisions:
+        refuse_too_large(cfg, p)
     budget = opts.memory_budget or default_memory_budget()
     row_bytes = 4 * (cfg.input_dim + cfg.num_classes)  # float32 inputs and logits
     factor = augment[1] if augment else 1

@@ -98,6 +98,13 @@ def test_bad_options(tmp_path, digits_files, opt, value, needle):
     assert_one_line_error(result, out, needle)
 
 
+def test_a_student_too_large_to_convert_is_refused_before_training(tmp_path, digits_files):
+    result, out = run_distill(tmp_path, digits_files["teacher"], digits_files["x"], "--width", "7M",
+                              "--rank", "0", "--precision", "fp16")
+    assert_one_line_error(result, out, "--precision fp16", "525,000,010 weights", "2 GiB")
+    assert not (out / "targets.npy").exists()  # refused before labelling, long before training
+
+
 def test_help_is_fast_and_does_not_import_torch():
     code = ("import sys, compress.cli.main; "
             "assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules")

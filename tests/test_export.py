@@ -49,3 +49,74 @@ def test_failed_parity_keeps_no_file(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="disagrees with the torch student: 'y': max abs diff"):
         exporter.export_onnx(model, cfg, sig, tmp_path / "s.onnx", np.ones((4, 8), np.float32))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_large_weights_go_beside_the_model_and_replace_cleanly(tmp_path, monkeypatch):
+    """Over EXTERNAL_OVER bytes (2 GiB is protobuf's limit) the weights are written to one file beside
+    the model; a later export replaces both, whatever size it has, and leaves nothing stale."""
+    torch.manual_seed(0)
+    cfg = StudentConfig((16,), 7, 64, 4)
+    model = build_student(cfg).eval()
+    sig = Signature("x", (16,), "float32", "y", None)
+    x = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
+    path = tmp_path / "s.onnx"
+    big = exporter.export_onnx(model, cfg, sig, path, x, external_over=1000)
+    (data,) = exporter.external_files(path)
+    assert data.parent == tmp_path and data.name.startswith("s.onnx.") and data.suffix == ".data"
+    assert sorted(tmp_path.iterdir()) == sorted([path, data])  # no temporary folder left
+    assert path.stat().st_size < 2000 < data.stat().st_size  # the weights are in the data file
+    assert big.size_bytes == path.stat().st_size + data.stat().st_size and big.max_abs_diff <= 1e-5
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {"x": x})[0], model(torch.from_numpy(x)).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+
+    again = exporter.export_onnx(model, cfg, sig, path, x, external_over=1000)  # a new data file
+    (data2,) = exporter.external_files(path)
+    assert data2 != data and sorted(tmp_path.iterdir()) == sorted([path, data2])
+    small = exporter.export_onnx(model, cfg, sig, path, x)  # self-contained again: the data file goes
+    assert list(tmp_path.iterdir()) == [path] and small.size_bytes == path.stat().st_size
+    assert again.size_bytes == big.size_bytes
+
+    def failing(*args):
+        raise ExportError("exported ONNX disagrees with the torch student", ["forced"])
+
+    monkeypatch.setattr(exporter, "_check", failing)
+    with pytest.raises(ExportError):
+        exporter.export_onnx(model, cfg, sig, path, x, external_over=1000)
+    assert list(tmp_path.iterdir()) == [path]  # the old model kept, no data file, no folder
+
+
+def test_precision_exports_of_large_weights(tmp_path, monkeypatch):
+    from compress.exporters.quantize import export_precision
+
+    torch.manual_seed(0)
+    cfg = StudentConfig((16,), 7, 64, 4)
+    model = build_student(cfg).eval()
+    sig = Signature("x", (16,), "float32", "y", None)
+    x = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)
+    monkeypatch.setattr(exporter, "EXTERNAL_OVER", 1000)
+    monkeypatch.setattr(exporter.save, "__defaults__", (1000,))
+    for precision, method in [("fp16", "weights"), ("int8", "weights"), ("int8", "dynamic")]:
+        out = tmp_path / f"{precision}-{method}" / "s.onnx"
+        res = export_precision(exporter.student_to_onnx(model, cfg, sig), out, precision, x, 0.9, method)
+        files = exporter.external_files(out)
+        if method == "weights":  # onnxruntime's quantizer decides for itself what goes beside
+            assert len(files) == 1, (precision, method, sorted(out.parent.iterdir()))
+        assert sorted(out.parent.iterdir()) == sorted([out, *files])  # nothing else, nothing stale
+        assert res["size_bytes"] == out.stat().st_size + sum(f.stat().st_size for f in files)
+        assert res["agreement_with_fp32"] >= 0.9
+
+
+@pytest.mark.slow
+def test_a_student_over_2_gib_exports(tmp_path):
+    """608M weights (2.4 GB): one protobuf message cannot hold them; ~25 s and ~7 GB of memory."""
+    torch.manual_seed(0)
+    cfg = StudentConfig((1845,), 183, 300_000, 0)
+    model = build_student(cfg).eval()
+    sig = Signature("x", (1845,), "float32", "y", None)
+    x = np.random.default_rng(0).standard_normal((64, 1845)).astype(np.float32)
+    res = exporter.export_onnx(model, cfg, sig, tmp_path / "s.onnx", x)
+    (data,) = exporter.external_files(tmp_path / "s.onnx")
+    assert res.size_bytes > 2**31 and data.stat().st_size > 2**31 and res.max_abs_diff <= 1e-4
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "s.onnx", data])

@@ -263,12 +263,13 @@ def export(student: Path, out_path: Path, data: Path | None, precision: str, min
 
     from compress import data as data_mod
     from compress.exporters.onnx import export_onnx, student_to_onnx
-    from compress.exporters.quantize import export_precision
+    from compress.exporters.quantize import export_precision, refuse_too_large
     from compress.student import load_student
     from compress.teachers import Signature
 
     (precision,) = parse_precisions(precision) or ("fp32",)
     model, cfg, meta = load_student(str(student))
+    refuse_too_large(cfg, precision)
     sig = Signature(**{**meta["signature"], "sample_shape": tuple(meta["signature"]["sample_shape"])})
     if data is not None:
         x = data_mod.load_inputs(data, cfg.sample_shape)

@@ -5,6 +5,11 @@ student is four fixed operators (Flatten, Gemm, Relu, Gemm), so building it by h
 teacher's input name, shape and dtype, a dynamic batch axis and the teacher's output name, without
 the tracer's cost on 100M-parameter models or its dependency on onnxscript.
 
+A model over EXTERNAL_OVER bytes (protobuf cannot write a message over 2 GiB: a 400k-wide student
+without a bottleneck is 3.2 GB) has its weights in one file beside it, `<name>.<token>.data`, which the model
+names; onnxruntime reads it from the model's folder, so the two files travel together. The token is
+new for every export, so replacing a model never leaves it pointing at another export's weights.
+
 Validation follows optimum's order: `onnx.checker`, then output names, then shapes, then values
 against the torch student (`np.allclose(ort, torch, rtol=RTOL, atol=ATOL)`). A failure raises
 `ExportError` listing every failing check, and the file is never moved to its final name.
@@ -12,13 +17,16 @@ against the torch student (`np.allclose(ort, torch, rtol=RTOL, atol=ATOL)`). A f
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from compress.atomic import atomic_path
 from compress.errors import ExportError
 from compress.student import StudentConfig
 
@@ -33,6 +41,8 @@ IR_VERSION = 8  # the IR of opset 17; newer IRs are refused by older runtimes
 ATOL = 1e-4  # absolute tolerance of the value check (optimum uses 1e-5; timm 1e-4)
 RTOL = 1e-3  # relative tolerance: wide layers sum many float32 terms (torch's ONNX verifier: 1e-3)
 _PARITY_SAMPLES = 1024
+EXTERNAL_OVER = 1_800_000_000  # model bytes above which the weights are written beside it
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,12 +53,40 @@ class ExportResult:
     size_bytes: int
 
 
-def student_to_onnx(model: torch.nn.Module, cfg: StudentConfig, sig: Signature) -> onnx.ModelProto:
-    """Build the ONNX graph from the student's weights, with the teacher's interface."""
-    from onnx import TensorProto, helper, numpy_helper
+def student_to_onnx(model: torch.nn.Module, cfg: StudentConfig, sig: Signature,
+                    weights_file: Path | None = None) -> onnx.ModelProto:
+    """Build the ONNX graph from the student's weights, with the teacher's interface. With
+    `weights_file`, the weights are written there (each at a page-aligned offset) and the graph only
+    names them: protobuf cannot hold a tensor over 2 GiB, so a large student is never in one message."""
+    from onnx import numpy_helper
 
-    state = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
-    inits = [numpy_helper.from_array(np.ascontiguousarray(v), name=k) for k, v in state.items()]
+    state = {k: np.ascontiguousarray(v.detach().cpu().float().numpy())
+             for k, v in model.state_dict().items()}
+    if weights_file is None:
+        inits = [numpy_helper.from_array(v, name=k) for k, v in state.items()]
+    else:
+        with open(weights_file, "wb") as f:
+            inits = [_external_tensor(k, v, f, weights_file.name) for k, v in state.items()]
+    return _graph(inits, cfg, sig)
+
+
+def _external_tensor(name: str, value: np.ndarray, f: Any, location: str) -> onnx.TensorProto:
+    from onnx import TensorProto
+
+    f.write(b"\0" * (-f.tell() % 4096))  # page-aligned, so that a runtime may map it
+    offset = f.tell()
+    f.write(memoryview(value.astype("<f4", copy=False)).cast("B"))
+    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=value.shape,
+                    data_location=TensorProto.EXTERNAL)
+    for key, v in (("location", location), ("offset", offset), ("length", value.nbytes)):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, str(v)
+    return t
+
+
+def _graph(inits: list[onnx.TensorProto], cfg: StudentConfig, sig: Signature) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
     dtype = helper.np_dtype_to_tensor_dtype(np.dtype(sig.input_dtype))
     x = helper.make_tensor_value_info(sig.input_name, dtype, ["batch", *cfg.sample_shape])
     y = helper.make_tensor_value_info(sig.output_name, TensorProto.FLOAT, ["batch", cfg.num_classes])
@@ -80,8 +118,6 @@ def student_to_onnx(model: torch.nn.Module, cfg: StudentConfig, sig: Signature) 
 
 def _check(path: str, model: torch.nn.Module, sig: Signature, x: np.ndarray) -> tuple[float, float]:
     """Checker, names, shapes, values. Returns (max |ort - torch|, max |ort - float64|)."""
-    import copy
-
     import onnx
     import onnxruntime as ort
     import torch
@@ -104,7 +140,7 @@ def _check(path: str, model: torch.nn.Module, sig: Signature, x: np.ndarray) -> 
     (got,) = sess.run(None, {sig.input_name: x.astype(sig.input_dtype)})
     with torch.no_grad():
         ref = model(torch.from_numpy(x.astype(np.float32))).numpy()
-        ref64 = copy.deepcopy(model).double()(torch.from_numpy(x.astype(np.float64))).numpy()
+        ref64 = _forward64(model, torch.from_numpy(x.astype(np.float64))).numpy()
     if got.shape != ref.shape:
         raise ExportError("exported ONNX gives the wrong shape",
                           [f"'{sig.output_name}': {got.shape} vs torch {ref.shape}"])
@@ -115,15 +151,105 @@ def _check(path: str, model: torch.nn.Module, sig: Signature, x: np.ndarray) -> 
     return diff, float(np.abs(got.astype(np.float64) - ref64).max())
 
 
+def _forward64(model: torch.nn.Module, x: torch.Tensor, rows: int = 65_536) -> torch.Tensor:
+    """The student in float64, a block of each layer's weight rows at a time: a float64 copy of a
+    3 GB student's weights at once would take 6 GB."""
+    import torch
+    from torch import nn
+
+    for layer in model:
+        if isinstance(layer, nn.Flatten):
+            x = layer(x)
+        elif isinstance(layer, nn.ReLU):
+            x = x.clamp_min(0)
+        elif isinstance(layer, nn.Linear):
+            w = layer.weight.detach()
+            b = torch.zeros(w.shape[0]) if layer.bias is None else layer.bias.detach()
+            x = torch.cat([x @ w[i : i + rows].double().T + b[i : i + rows].double()
+                           for i in range(0, w.shape[0], rows)], dim=1)
+        else:
+            raise TypeError(f"not a student layer: {type(layer).__name__}")
+    return x
+
+
 def export_onnx(model: torch.nn.Module, cfg: StudentConfig, sig: Signature, path: str | Path,
-                check_inputs: np.ndarray) -> ExportResult:
+                check_inputs: np.ndarray, external_over: int = EXTERNAL_OVER) -> ExportResult:
     """Write `path` only if the export passes every check on (up to 1024 of) `check_inputs`."""
     import onnx
 
-    proto = student_to_onnx(model, cfg, sig)
     x = np.asarray(check_inputs[:_PARITY_SAMPLES]).reshape(-1, *cfg.sample_shape)
-    with atomic_path(path) as tmp:
-        onnx.save_model(proto, tmp)
-        diff, diff64 = _check(tmp, model, sig, x)
+
+    def write(tmp: Path) -> None:
+        if too_large(cfg, external_over):
+            onnx.save_model(student_to_onnx(model, cfg, sig, _data_name(tmp)), str(tmp))
+        else:
+            save(student_to_onnx(model, cfg, sig), tmp, external_over)
+
+    diff, diff64 = write_checked(write, path, lambda tmp: _check(tmp, model, sig, x))
     return ExportResult(path=str(path), max_abs_diff=diff, max_abs_diff_fp64=diff64,
-                        size_bytes=Path(path).stat().st_size)
+                        size_bytes=onnx_size(path))
+
+
+def too_large(cfg: StudentConfig, external_over: int = EXTERNAL_OVER) -> bool:
+    """Whether the student's float32 weights are too many for one ONNX file."""
+    from compress.student import count_params
+
+    return 4 * count_params(cfg) > external_over
+
+
+def _data_name(path: Path) -> Path:
+    return path.parent / f"{path.name}.{uuid.uuid4().hex[:8]}.data"
+
+
+def save(proto: onnx.ModelProto, path: str | Path, external_over: int = EXTERNAL_OVER) -> None:
+    """onnx.save_model, with the weights in a file beside `path` when the model passes `external_over`
+    bytes."""
+    import onnx
+
+    path = Path(path)
+    if proto.ByteSize() <= external_over:  # the serialized size, weights however stored
+        onnx.save_model(proto, str(path))
+        return
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=_data_name(path).name, size_threshold=0)
+
+
+def external_files(path: str | Path) -> list[Path]:
+    """The weight files an ONNX model names, beside it (none for a self-contained model)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+    return [path.parent / n for n in sorted(names)]
+
+
+def onnx_size(path: str | Path) -> int:
+    """Bytes of the model file and of the weight files it names."""
+    return Path(path).stat().st_size + sum(f.stat().st_size for f in external_files(path))
+
+
+def write_checked(write: Callable[[Path], None], path: str | Path, check: Callable[[str], T]) -> T:
+    """`write` the model to a temporary folder beside `path`, run `check` on it there, and only if
+    it passes move it to `path` (its weight files first, the model last); weight files of the model
+    that was at `path` before, and not reused by name, are removed after. Returns `check`'s result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmpdir.mkdir(exist_ok=True)
+    try:
+        tmp = tmpdir / path.name
+        write(tmp)
+        result = check(str(tmp))
+        old, new = external_files(path), external_files(tmp)
+        for f in new:
+            os.replace(f, path.parent / f.name)
+        os.replace(tmp, path)
+        for f in old:
+            if f.name not in {n.name for n in new}:
+                f.unlink(missing_ok=True)
+        return result
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

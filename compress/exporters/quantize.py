@@ -123,11 +123,13 @@ def convert(fp32_path: str, out_path: str, precision: str, method: str = "weight
     """Write `out_path` as the `precision` version of the fp32 ONNX file at `fp32_path`."""
     import onnx
 
+    from compress.exporters.onnx import save
+
     if precision == "fp16":
-        onnx.save_model(to_fp16_weights(onnx.load(fp32_path)), out_path)
+        save(to_fp16_weights(onnx.load(fp32_path)), out_path)
         return
     if method == "weights":
-        onnx.save_model(to_int8_weights(onnx.load(fp32_path)), out_path)
+        save(to_int8_weights(onnx.load(fp32_path)), out_path)
         return
     graph = onnx.load(fp32_path, load_external_data=False).graph
     keep_fp32 = [n.name for n in graph.node if n.name == "bottleneck"]
@@ -139,16 +141,19 @@ def _quantize(fp32_path: str, out_path: str, method: str, calibration: np.ndarra
               keep_fp32: list[str]) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    from compress.exporters.onnx import external_files
+
+    large = bool(external_files(fp32_path))  # weights beside the model in, weights beside it out
     if method == "dynamic":
         quantize_dynamic(fp32_path, out_path, per_channel=True, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=keep_fp32)
+                         nodes_to_exclude=keep_fp32, use_external_data_format=large)
     elif method == "static":
         if calibration is None:
             raise ConfigError("--quantize static: needs calibration inputs (--data)")
         reader = _Calibration(graph.input[0].name, calibration[:_CALIBRATION_SAMPLES])
         quantize_static(fp32_path, out_path, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=keep_fp32)
+                        nodes_to_exclude=keep_fp32, use_external_data_format=large)
     else:
         raise ConfigError(f"--quantize: must be weights, dynamic or static, got {method}")
 
@@ -175,22 +180,35 @@ def check_against_fp32(fp32_path: str, path: str, x: np.ndarray, precision: str,
     return agreement, diff
 
 
+def refuse_too_large(cfg: Any, precision: str) -> None:
+    """fp16/int8 conversions hold the whole model in one protobuf message: refuse a student whose
+    fp32 weights are over `onnx.EXTERNAL_OVER` bytes (before training, not after)."""
+    from compress.exporters.onnx import too_large
+    from compress.student import count_params
+
+    if precision != "fp32" and too_large(cfg):
+        n = count_params(cfg)
+        raise ConfigError(f"--precision {precision}: a student of {n:,} weights "
+                          f"({4 * n / 1e9:.1f} GB in fp32) is too large for the fp16/int8 "
+                          "conversions (protobuf's 2 GiB limit); only its fp32 export is written, "
+                          "with the weights in a file beside it. Leave out --precision, or use a "
+                          "smaller --width or --rank")
+
+
 def export_precision(fp32_proto: Any, out_path: str | Path, precision: str, check_x: np.ndarray,
                      min_agreement: float = MIN_AGREEMENT, method: str = "weights",
                      calibration: np.ndarray | None = None) -> dict[str, Any]:
     """Convert, check, and only then move the file to `out_path`."""
-    import onnx
-
-    from compress.atomic import atomic_path
+    from compress.exporters.onnx import onnx_size, save, write_checked
 
     if not 0.0 <= min_agreement <= 1.0:
         raise ConfigError(f"--min-agreement: must be between 0 and 1, got {min_agreement}")
     with tempfile.TemporaryDirectory() as tmpdir:
         fp32 = str(Path(tmpdir) / "fp32.onnx")
-        onnx.save_model(fp32_proto, fp32)
-        with atomic_path(out_path) as tmp:
-            convert(fp32, tmp, precision, method, calibration)
-            agreement, diff = check_against_fp32(fp32, tmp, check_x, precision, min_agreement)
-    return {"precision": precision, "path": str(out_path), "size_bytes": Path(out_path).stat().st_size,
+        save(fp32_proto, fp32)
+        agreement, diff = write_checked(
+            lambda tmp: convert(fp32, str(tmp), precision, method, calibration), out_path,
+            lambda tmp: check_against_fp32(fp32, tmp, check_x, precision, min_agreement))
+    return {"precision": precision, "path": str(out_path), "size_bytes": onnx_size(out_path),
             "agreement_with_fp32": agreement, "max_abs_diff_vs_fp32": diff,
             "method": method if precision == "int8" else None}
