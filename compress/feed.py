@@ -16,8 +16,6 @@ import concurrent.futures
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 if TYPE_CHECKING:
     import torch
 
@@ -27,11 +25,11 @@ Block = tuple["torch.Tensor", "torch.Tensor"]
 class Feed:
     """Blocks of (inputs, targets) as tensors on `device`.
 
-    `prep(x, z)` turns numpy rows into float32 CPU tensors (standardized); `bounds` are the blocks'
-    (start, stop) rows. One block: prepared here and reused every epoch."""
+    `prep(x, z, a, b)` reads rows a:b of x and z (anything sliceable by rows) into float32 CPU tensors
+    (standardized); `bounds` are the blocks' (a, b). One block: prepared here and reused every epoch."""
 
     def __init__(self, x: Any, z: Any, bounds: Sequence[tuple[int, int]],
-                 prep: Callable[[np.ndarray, np.ndarray], Block], device: torch.device,
+                 prep: Callable[[Any, Any, int, int], Block], device: torch.device,
                  prefetch: bool = True) -> None:
         self.x, self.z, self.bounds, self.prep, self.device = x, z, list(bounds), prep, device
         self.prefetch = prefetch and len(self.bounds) > 1
@@ -44,7 +42,7 @@ class Feed:
     def _load(self, k: int, stream: Any) -> tuple[Block, Any]:
         """Block k on the device, and (on a GPU) the event its copy records."""
         a, b = self.bounds[k]
-        xt, zt = self.prep(np.asarray(self.x[a:b]), np.asarray(self.z[a:b]))
+        xt, zt = self.prep(self.x, self.z, a, b)
         if not self.cuda:
             return (xt, zt), None
         import torch

@@ -173,14 +173,18 @@ def _rows(x: Any, mine: np.ndarray) -> Rows:
     return Rows(x.base, x.idx[mine]) if isinstance(x, Rows) else Rows(x, mine)
 
 
-def standardize(x: np.ndarray, mean: np.ndarray, sd: np.ndarray, chunk: int = 16_384) -> np.ndarray:
-    """(x - mean) / sd as a new float32 array, a chunk of rows at a time: the result and one chunk's
-    temporaries are all the memory it takes (the whole-array expression in float64 took 4x the data)."""
-    out = np.empty(x.shape, dtype=np.float32)
+def standardize(x: Any, mean: np.ndarray, sd: np.ndarray, start: int = 0, stop: int | None = None,
+                chunk: int = 16_384) -> np.ndarray:
+    """(x[start:stop] - mean) / sd as a new float32 (rows, mean.size) array. `x` is anything sliceable by
+    rows (an array, a memory map, `Rows`), read a chunk of rows at a time: the result and one chunk are
+    all the memory it takes (a whole-array float64 expression took 4x the data in temporaries)."""
+    stop = len(x) if stop is None else stop
+    out = np.empty((stop - start, mean.size), dtype=np.float32)
     mean32, inv32 = mean.astype(np.float32), (1.0 / sd).astype(np.float32)
-    for a in range(0, len(x), chunk):
-        block = out[a : a + chunk]
-        np.subtract(x[a : a + chunk], mean32, out=block, dtype=np.float32, casting="unsafe")
+    for a in range(start, stop, chunk):
+        block = out[a - start : min(stop, a + chunk) - start]
+        rows = np.asarray(x[a : a + len(block)]).reshape(len(block), mean.size)
+        np.subtract(rows, mean32, out=block, dtype=np.float32, casting="unsafe")
         block *= inv32
     return out
 
@@ -219,19 +223,16 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     if fit_cfg.loss == "ce":  # one-hot targets stay as they are
         z_mean, z_scale = np.zeros_like(z_mean), 1.0
 
-    def prep(x: np.ndarray, z: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        xs = standardize(x.reshape(x.shape[0], d), mu, sd)
-        zs = standardize(z, z_mean, np.full_like(z_mean, z_scale))
-        return torch.from_numpy(xs), torch.from_numpy(zs)  # on the CPU; the feed moves them
+    def prep(x: Any, z: Any, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows a:b, standardized, as CPU tensors (the feed moves them), read a chunk at a time."""
+        xs = standardize(x, mu, sd, a, b)
+        zs = standardize(z, z_mean, np.full_like(z_mean, z_scale), a, b)
+        return torch.from_numpy(xs), torch.from_numpy(zs)
 
     if ranks > 1:  # an equal random shard per rank: DDP needs the same number of steps everywhere
         per = n // ranks
         mine = np.sort(np.random.default_rng(fit_cfg.seed).permutation(n)[rank * per : (rank + 1) * per])
-        if stream_rows:  # each rank reads its own rows, block by block
-            x_train, z_train = _rows(x_train, mine), _rows(z_train, mine)
-        else:
-            x_train, z_train = np.asarray(x_train)[mine], np.asarray(z_train)[mine]
-        n = per
+        x_train, z_train, n = _rows(x_train, mine), _rows(z_train, mine), per  # read when prepared
     # Trained with the class count padded to a multiple of 16: an odd count such as 183 ran the output
     # matmul at 180 GFLOP/s against 309 for 192 on the 2-core CPU (GPU tensor cores want it too). Only
     # the real classes reach the loss; the real-size student is sliced out after training.
@@ -249,7 +250,7 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
                          f"blocks of {stream_rows:,} rows")
     bounds = [(a, min(n, a + (stream_rows or n))) for a in range(0, n, stream_rows or n)]
     feed = Feed(x_train, z_train, bounds, prep, device, prefetch=read_ahead)
-    xv, zv = prep(x_val, z_val)
+    xv, zv = prep(x_val, z_val, 0, len(x_val))
     xv, zv = xv.to(device), zv.to(device)
     teacher_top = zv.argmax(dim=1)
 

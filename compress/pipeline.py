@@ -189,11 +189,10 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
         data_mod.check_finite(z, cache, what="TEACHER logits")
     except DataError:
         raise TeacherError(f"TEACHER {teacher.name}: gave NaN or inf logits on the transfer data") from None
-    if streamed:
-        x_train, z_train = data_mod.Rows(x, train_idx), data_mod.Rows(z, train_idx)
-    else:
+    if not streamed:
         z = np.asarray(z)
-        x_train, z_train = x[train_idx], z[train_idx]
+    # views, not copies: fit reads the training rows straight into its standardized tensors
+    x_train, z_train = data_mod.Rows(x, train_idx), data_mod.Rows(z, train_idx)
 
     # 2b. synthetic transfer data from the training part (never the held-out part), labelled likewise
     n_synthetic = 0
@@ -202,7 +201,8 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
 
         method, factor = augment
         tag = f"{method}{factor}_seed{opts.fit.seed}"
-        x_syn = generate(x_train, method, factor, cache.parent / f"augmented_{tag}.npy", opts.fit.seed,
+        x_real = x[train_idx]  # in memory: --augment needs the set to fit the budget
+        x_syn = generate(x_real, method, factor, cache.parent / f"augmented_{tag}.npy", opts.fit.seed,
                          lambda done, n: say("augment", done=done, total=n))
         syn_key = {**key, "augment": tag, "samples": int(len(x_syn))}
         z_syn = load_cached(cache.parent / f"targets_{tag}.npy", syn_key)
@@ -210,8 +210,8 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
             z_syn = compute_targets(teacher, x_syn, cache.parent / f"targets_{tag}.npy", syn_key,
                                     opts.teacher_batch_size,
                                     lambda done, n: say("targets", done=done, total=n))
-        x_train = np.concatenate([x_train, np.asarray(x_syn)])
-        z_train = np.concatenate([z_train, np.asarray(z_syn)])
+        x_train = np.concatenate([x_real, np.asarray(x_syn)])
+        z_train = np.concatenate([z[train_idx], np.asarray(z_syn)])
         n_synthetic = len(x_syn)
 
     # 3. fit on the training part, score on the held-out part

@@ -13,8 +13,8 @@ from tests.test_fit import realizable
 CPU = torch.device("cpu")
 
 
-def prep(x, z):
-    return torch.from_numpy(x * 2.0), torch.from_numpy(z)
+def prep(x, z, a, b):
+    return torch.from_numpy(np.asarray(x[a:b]) * 2.0), torch.from_numpy(np.asarray(z[a:b]))
 
 
 class Source:

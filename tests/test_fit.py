@@ -1,6 +1,7 @@
 import numpy as np
 import torch
 
+from compress.data import Rows
 from compress.fit import FitConfig, _fold, auto_epochs, fit, standardize
 from compress.student import StudentConfig, build_student
 
@@ -107,3 +108,7 @@ def test_standardize_in_chunks_matches_the_float64_formula():
     got = standardize(x, mu, sd, chunk=7)  # 15 chunks, the last one short
     assert got.dtype == np.float32 and got.shape == x.shape
     np.testing.assert_allclose(got, (x - mu) / sd, rtol=1e-5, atol=1e-5)
+    part = standardize(Rows(x, np.arange(0, 100, 2)), mu, sd, 5, 40, chunk=8)  # rows of a view
+    np.testing.assert_allclose(part, ((x - mu) / sd)[10:80:2], rtol=1e-5, atol=1e-5)
+    images = standardize(x.reshape(100, 3, 4), mu, sd, 90)  # samples of any shape, flattened
+    np.testing.assert_allclose(images, ((x - mu) / sd)[90:], rtol=1e-5, atol=1e-5)

@@ -29,7 +29,7 @@ def test_the_feed_copies_blocks_to_the_gpu_intact():
     x = np.random.default_rng(0).standard_normal((1000, 7)).astype(np.float32)
     z = np.random.default_rng(1).standard_normal((1000, 3)).astype(np.float32)
     bounds = [(a, a + 250) for a in range(0, 1000, 250)]
-    feed = Feed(x, z, bounds, lambda a, b: (torch.from_numpy(a * 1.0), torch.from_numpy(b)),
+    feed = Feed(x, z, bounds, lambda x, z, a, b: (torch.from_numpy(x[a:b] * 1.0), torch.from_numpy(z[a:b])),
                 torch.device("cuda"))
     for k, (xt, zt) in zip([3, 1, 0, 2], feed.epoch([3, 1, 0, 2]), strict=True):
         assert xt.is_cuda
