@@ -120,3 +120,17 @@ def test_a_student_over_2_gib_exports(tmp_path):
     (data,) = exporter.external_files(tmp_path / "s.onnx")
     assert res.size_bytes > 2**31 and data.stat().st_size > 2**31 and res.max_abs_diff <= 1e-4
     assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "s.onnx", data])
+
+
+def test_a_teacher_with_weights_beside_it_counts_them(tmp_path):
+    from compress.teachers import load_teacher
+
+    torch.manual_seed(0)
+    cfg = StudentConfig((16,), 7, 64, 4)
+    sig = Signature("x", (16,), "float32", "y", None)
+    x = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
+    model = build_student(cfg).eval()
+    res = exporter.export_onnx(model, cfg, sig, tmp_path / "s.onnx", x, external_over=1000)
+    teacher = load_teacher([tmp_path / "s.onnx"])
+    assert teacher.size_bytes == res.size_bytes > (tmp_path / "s.onnx").stat().st_size
+    assert teacher.logits(x).shape == (50, 7)

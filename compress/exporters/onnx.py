@@ -214,14 +214,15 @@ def save(proto: onnx.ModelProto, path: str | Path, external_over: int = EXTERNAL
                     location=_data_name(path).name, size_threshold=0)
 
 
-def external_files(path: str | Path) -> list[Path]:
-    """The weight files an ONNX model names, beside it (none for a self-contained model)."""
+def external_files(path: str | Path, model: onnx.ModelProto | None = None) -> list[Path]:
+    """The weight files an ONNX model names, beside it (none for a self-contained model). `model`:
+    the file already loaded (without its external data)."""
     import onnx
 
     path = Path(path)
-    if not path.is_file():
+    if model is None and not path.is_file():
         return []
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = (model or onnx.load(str(path), load_external_data=False)).graph
     names = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
     return [path.parent / n for n in sorted(names)]
 
