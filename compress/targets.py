@@ -143,19 +143,33 @@ def compute_targets(teacher: Teacher, x: Any, path: str | Path, key: dict[str, A
 
 def compute_targets_distributed(teacher: Teacher, x: Any, path: str | Path, key: dict[str, Any] | None,
                                 world: Any, batch_size: int = 1024) -> np.ndarray:
-    """Under torchrun: each rank labels its contiguous shard, every rank receives all the logits, and
-    rank 0 writes them to `path` (atomically; this path is not resumable: a killed run starts over)."""
+    """Under torchrun: each rank labels its contiguous shard into a cache of its own beside `path`
+    (`.<name>.shard-<start>-<stop>.npy`, resumable like `compute_targets`: the same command with the
+    same number of processes continues a killed run), every rank receives all the logits, and rank 0
+    writes them to `path` (atomically). The shard caches, and any left by a run with another number of
+    processes, are removed once every rank has the logits."""
     from compress import distributed
+    from compress.data import Rows
 
     path = Path(path)
     a, b = distributed.shard(len(x), world)
-    teacher.logits(np.asarray(x[0:1], dtype=np.float32))  # every rank fixes the output kind on row 0
-    part = teacher.logits(np.asarray(x[a:b], dtype=np.float32), batch_size)
-    z = distributed.gather_rows(part, len(x), world)
+    first = teacher.logits(np.asarray(x[0:1], dtype=np.float32))  # every rank fixes the output kind on row 0
+    mine = path.with_name(f".{path.name}.shard-{a}-{b}.npy")
+    mine_key = {"run": key, "shard": [a, b]}
+    part = load_cached(mine, mine_key)  # a shard finished before the run was stopped
+    if part is None and a < b:
+        part = compute_targets(teacher, Rows(x, np.arange(a, b)), mine, mine_key, batch_size)
+    elif part is None:  # more processes than rows
+        part = np.zeros((0, first.shape[1]), np.float32)
+    z = distributed.gather_rows(np.asarray(part), len(x), world)
+    del part
     if world.main:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, z)
         if key is not None:
             _write_json(_sidecar(path), key)
-    distributed.barrier(world)
+    distributed.barrier(world)  # every rank has its logits: no shard is needed any more
+    for pattern in (f".{path.name}.shard-*", f"..{path.name}.shard-*"):  # caches, then their partials
+        for f in path.parent.glob(pattern):  # (those of another process count too)
+            f.unlink(missing_ok=True)
     return z

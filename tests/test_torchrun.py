@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from compress.cli import cli
+from compress.teachers import load_teacher
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "compress"]
@@ -57,3 +64,62 @@ def test_streamed_distill_data_parallel(tmp_path, digits_files):
     report = json.loads(done.stdout)
     assert report["train"]["world_size"] == 2 and report["train"]["streamed"] is True
     assert report["student"]["accuracy"] >= report["teacher"]["accuracy"] - 0.03
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (found through /proc), the children first."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    order, todo = [], [pid]
+    while todo:
+        order.append(todo.pop())
+        todo += children.get(order[-1], [])
+    for p in reversed(order):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_killed_distributed_labelling_resumes(tmp_path, digits_files):
+    """Each rank's shard is a resumable cache: kill -9 the whole torchrun, run it again, and the rows
+    labelled before the kill are kept (a planted value survives), the rest computed, nothing left over."""
+    x = np.tile(np.load(digits_files["x"]), (450, 1))  # 540,000 digit images: seconds per rank
+    np.save(tmp_path / "x.npy", x)
+    args = ["targets", str(digits_files["teacher"]), "--data", str(tmp_path / "x.npy"), "--batch-size", "32"]
+    out = tmp_path / "z.npy"
+    proc = subprocess.Popen([*TORCHRUN, *args, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    started = {}
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(started) < 2:
+        for state in tmp_path.glob("..z.npy.shard-*.progress.json"):
+            try:
+                if json.loads(state.read_text())["done"] > 0:
+                    started[state] = True
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.005)
+    kill_tree(proc.pid)  # torchrun starts its workers in sessions of their own
+    proc.wait()
+    assert len(started) == 2, "a rank finished before both could be killed mid-way"
+    assert not out.exists()
+    firsts = []
+    for partial in tmp_path.glob("..z.npy.shard-*.npy.partial"):  # row 0 of each shard was labelled
+        first = int(partial.name.split("shard-")[1].split("-")[0])
+        m = np.load(partial, mmap_mode="r+")
+        m[0] = 12345.0
+        m.flush()
+        firsts.append(first)
+        del m
+    assert sorted(firsts) == [0, 270_000]
+    done = subprocess.run([*TORCHRUN, *args, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    z, full = np.load(out), load_teacher([digits_files["teacher"]]).logits(x, 8192)
+    assert (z[firsts] == 12345.0).all()  # kept, not labelled again
+    keep = np.ones(len(z), bool)
+    keep[firsts] = False
+    np.testing.assert_allclose(z[keep], full[keep], rtol=1e-5, atol=1e-5)
+    assert not [p for p in os.listdir(tmp_path) if "shard" in p]
