@@ -110,20 +110,22 @@ class CudaPlan:
 
 
 def plan_cuda(params: int, act_bytes: int, batch: int, rows: int, row_bytes: int, free_bytes: int,
-              what: str = "the GPU") -> CudaPlan:
+              what: str = "the GPU", ddp: bool = False) -> CudaPlan:
     """Fit the student's training into `free_bytes` of GPU memory.
 
     `params` weights cost 18 bytes each (fp32 weights, gradients and both Adam moments, and autocast's
-    bf16 copy); `act_bytes` is one sample's activations and their gradients (see `activation_bytes`).
-    The batch keeps at most half of what is left (halved until it fits, with a note saying so); the
-    training rows stay on the GPU if they fit in the rest, else they are streamed in blocks of which
-    three fit at once. Raises ConfigError when not even the weights and one sample fit."""
+    bf16 copy), 22 under DDP (its gradient buckets); `act_bytes` is one sample's activations and their
+    gradients (see `activation_bytes`). The batch keeps at most half of what is left (halved until it
+    fits, with a note saying so); the training rows stay on the GPU if they fit in the rest, else they
+    are streamed in blocks of which three fit at once. Raises ConfigError when not even the weights and
+    one sample fit."""
     from compress.errors import ConfigError
 
-    room = int(free_bytes * 0.9) - CUDA_RESERVE - 18 * params
+    state = (22 if ddp else 18) * params
+    room = int(free_bytes * 0.9) - CUDA_RESERVE - state
     if room < 2 * act_bytes:
         raise ConfigError(f"--width: the student's weights and optimizer state need "
-                          f"{18 * params / GiB:.1f} GiB and {what} has {free_bytes / GiB:.1f} GiB free; "
+                          f"{state / GiB:.1f} GiB and {what} has {free_bytes / GiB:.1f} GiB free; "
                           "use a smaller --width or --rank, or train on the CPU (--device cpu)")
     fitted, note = batch, None
     while fitted > 1 and fitted * act_bytes > room // 2:

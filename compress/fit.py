@@ -241,11 +241,21 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     bs, notes = min(fit_cfg.batch_size, n), []
     if device.type == "cuda":  # the batch and the training rows sized to the GPU's free memory
         plan = plan_cuda(count_params(padded), activation_bytes(d, cfg.rank, cfg.width, c_pad), bs, n,
-                         4 * (d + cfg.num_classes), torch.cuda.mem_get_info(device)[0], what=str(device))
-        bs = plan.batch
-        notes += [plan.note] if plan.note else []
-        if plan.stream_rows and plan.stream_rows < (stream_rows or n):
-            stream_rows = plan.stream_rows
+                         4 * (d + cfg.num_classes), torch.cuda.mem_get_info(device)[0], what=str(device),
+                         ddp=ranks > 1)
+        bs, plan_rows = plan.batch, plan.stream_rows or n
+        if ranks > 1:  # every rank must take the same steps: the tightest GPU decides for all
+            import torch.distributed as dist
+
+            both = torch.tensor([bs, plan_rows], device=device)
+            dist.all_reduce(both, op=dist.ReduceOp.MIN)
+            bs, plan_rows = (int(v) for v in both.tolist())
+        if bs < plan.batch:
+            notes.append(f"--batch-size: another rank's GPU has less room: every rank trains with {bs}")
+        elif plan.note:
+            notes.append(plan.note)
+        if plan_rows < (stream_rows or n):
+            stream_rows = plan_rows
             notes.append(f"the training rows do not fit on {device} beside the student: streamed in "
                          f"blocks of {stream_rows:,} rows")
     bounds = [(a, min(n, a + (stream_rows or n))) for a in range(0, n, stream_rows or n)]
@@ -342,7 +352,7 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
                 del xt, zt  # so that the feed holds at most the next block and the one after it
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            step_seconds = time.perf_counter() - epoch_start  # the optimizer steps alone
+            step_seconds = time.perf_counter() - epoch_start  # the steps, and any wait for a block
             if split is not None:
                 split.to_model(moments=bool(checkpoint))
                 with split.paused():
