@@ -97,7 +97,6 @@ class Feed:
                     concurrent.futures.wait([pending])
 
 
-
 GiB = 2**30
 CUDA_RESERVE = 512 * 2**20  # the CUDA context, cuBLAS workspaces, the allocator's slack
 

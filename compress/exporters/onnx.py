@@ -220,9 +220,12 @@ def external_files(path: str | Path, model: onnx.ModelProto | None = None) -> li
     import onnx
 
     path = Path(path)
-    if model is None and not path.is_file():
-        return []
-    graph = (model or onnx.load(str(path), load_external_data=False)).graph
+    if model is None:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception:  # noqa: BLE001 - no file, or not an ONNX model: it names no weight files
+            return []
+    graph = model.graph
     names = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
     return [path.parent / n for n in sorted(names)]
 
