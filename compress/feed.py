@@ -102,25 +102,27 @@ CUDA_RESERVE = 512 * 2**20  # the CUDA context, cuBLAS workspaces, the allocator
 
 
 class CudaPlan:
-    """What fits on the GPU: the batch size, and whether the training rows stay there whole."""
+    """What fits on the GPU: the batch size, whether the training rows stay there whole, and how many
+    rows an evaluation pass takes at once (no gradients: about a third of a training sample's memory)."""
 
     def __init__(self, batch: int, stream_rows: int | None, note: str | None) -> None:
         self.batch, self.stream_rows, self.note = batch, stream_rows, note
+        self.eval_rows = min(8192, 3 * batch)
 
 
 def plan_cuda(params: int, act_bytes: int, batch: int, rows: int, row_bytes: int, free_bytes: int,
               what: str = "the GPU", ddp: bool = False) -> CudaPlan:
     """Fit the student's training into `free_bytes` of GPU memory.
 
-    `params` weights cost 18 bytes each (fp32 weights, gradients and both Adam moments, and autocast's
-    bf16 copy), 22 under DDP (its gradient buckets); `act_bytes` is one sample's activations and their
-    gradients (see `activation_bytes`). The batch keeps at most half of what is left (halved until it
-    fits, with a note saying so); the training rows stay on the GPU if they fit in the rest, else they
-    are streamed in blocks of which three fit at once. Raises ConfigError when not even the weights and
-    one sample fit."""
+    `params` weights cost 22 bytes each (fp32 weights, gradients, both Adam moments and the best
+    epoch's copy, and autocast's bf16 copy), 26 under DDP (its gradient buckets); `act_bytes` is one
+    sample's activations and their gradients (see `activation_bytes`). The batch keeps at most half of
+    what is left (halved until it fits, with a note saying so); the training rows stay on the GPU if
+    they fit in the rest, else they are streamed in blocks of which three fit at once. Raises
+    ConfigError when not even the weights and one sample fit."""
     from compress.errors import ConfigError
 
-    state = (22 if ddp else 18) * params
+    state = (26 if ddp else 22) * params
     room = int(free_bytes * 0.9) - CUDA_RESERVE - state
     if room < 2 * act_bytes:
         raise ConfigError(f"--width: the student's weights and optimizer state need "

@@ -238,12 +238,12 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     # the real classes reach the loss; the real-size student is sliced out after training.
     c_pad = -(-cfg.num_classes // PAD) * PAD
     padded = dataclasses.replace(cfg, num_classes=c_pad)
-    bs, notes = min(fit_cfg.batch_size, n), []
+    bs, notes, eval_rows = min(fit_cfg.batch_size, n), [], 8192
     if device.type == "cuda":  # the batch and the training rows sized to the GPU's free memory
         plan = plan_cuda(count_params(padded), activation_bytes(d, cfg.rank, cfg.width, c_pad), bs, n,
                          4 * (d + cfg.num_classes), torch.cuda.mem_get_info(device)[0], what=str(device),
                          ddp=ranks > 1)
-        bs, plan_rows = plan.batch, plan.stream_rows or n
+        bs, plan_rows, eval_rows = plan.batch, plan.stream_rows or n, plan.eval_rows
         if ranks > 1:  # every rank must take the same steps: the tightest GPU decides for all
             import torch.distributed as dist
 
@@ -287,10 +287,10 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
         model.eval()
         loss, agree = 0.0, 0
         with torch.no_grad(), autocast:
-            for i in range(0, xv.shape[0], 8192):
-                s = model(xv[i : i + 8192])[:, real].float()
-                loss += float(loss_fn(s, zv[i : i + 8192])) * s.shape[0]
-                agree += int((s.argmax(dim=1) == teacher_top[i : i + 8192]).sum())
+            for i in range(0, xv.shape[0], eval_rows):
+                s = model(xv[i : i + eval_rows])[:, real].float()
+                loss += float(loss_fn(s, zv[i : i + eval_rows])) * s.shape[0]
+                agree += int((s.argmax(dim=1) == teacher_top[i : i + eval_rows]).sum())
         model.train()
         scale = z_scale**2 if fit_cfg.loss == "l2" else 1.0  # report L2 in logit units
         return loss / xv.shape[0] * scale, agree / xv.shape[0]
