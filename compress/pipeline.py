@@ -328,8 +328,8 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = distributed.init()
-    result = fit(x[train_idx], z[train_idx], x[val_idx], z[val_idx], cfg, opts.fit,
-                 lambda info: say("fit", **info), checkpoint=str(out / "checkpoint.pt"),
+    result = fit(data_mod.Rows(x, train_idx), data_mod.Rows(z, train_idx), x[val_idx], z[val_idx], cfg,
+                 opts.fit, lambda info: say("fit", **info), checkpoint=str(out / "checkpoint.pt"),
                  resume=opts.resume, world=world)
     if not world.main:
         distributed.finish(world)
