@@ -141,6 +141,11 @@ def compute_targets(teacher: Teacher, x: Any, path: str | Path, key: dict[str, A
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
+def shard_cache(path: Path, key: dict[str, Any] | None, a: int, b: int) -> tuple[Path, dict[str, Any]]:
+    """Where rows a:b of the cache at `path` are labelled under torchrun, and that shard's key."""
+    return path.with_name(f".{path.name}.shard-{a}-{b}.npy"), {"run": key, "shard": [a, b], "samples": b - a}
+
+
 def compute_targets_distributed(teacher: Teacher, x: Any, path: str | Path, key: dict[str, Any] | None,
                                 world: Any, batch_size: int = 1024) -> np.ndarray:
     """Under torchrun: each rank labels its contiguous shard into a cache of its own beside `path`
@@ -154,8 +159,7 @@ def compute_targets_distributed(teacher: Teacher, x: Any, path: str | Path, key:
     path = Path(path)
     a, b = distributed.shard(len(x), world)
     first = teacher.logits(np.asarray(x[0:1], dtype=np.float32))  # every rank fixes the output kind on row 0
-    mine = path.with_name(f".{path.name}.shard-{a}-{b}.npy")
-    mine_key = {"run": key, "shard": [a, b]}
+    mine, mine_key = shard_cache(path, key, a, b)
     part = load_cached(mine, mine_key)  # a shard finished before the run was stopped
     if part is None and a < b:
         part = compute_targets(teacher, Rows(x, np.arange(a, b)), mine, mine_key, batch_size)

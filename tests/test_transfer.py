@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from compress import targets as targets_mod
 from compress.cli import cli
-from compress.data import load_inputs, open_inputs
+from compress.data import Rows, load_inputs, open_inputs
 from compress.errors import DataError
 from compress.teachers import load_teacher
 from tests.test_teachers import linear_onnx
@@ -220,3 +220,14 @@ def test_streamed_training_memory_is_bounded(tmp_path, linear_teacher):
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["train"]["streamed"] is True and report["fidelity"]["agreement"] > 0.9
     assert peak - base < 1_600_000 * 64 * 4 // 1024 / 4, (base, peak)  # a quarter of the data at most
+
+
+def test_a_finished_shard_is_reused(tmp_path, linear_teacher):
+    """Under torchrun a rank whose shard was finished before a stop reads it back instead of labelling."""
+    x = rows(3000)
+    path, key = targets_mod.shard_cache(tmp_path / "z.npy", {"k": 1}, 1000, 2500)
+    z = targets_mod.compute_targets(load_teacher([linear_teacher]), Rows(x, np.arange(1000, 2500)), path, key)
+    again = targets_mod.load_cached(path, key)
+    assert again is not None and again.shape == (1500, 10)
+    np.testing.assert_array_equal(again, z)
+    assert targets_mod.load_cached(path, {**key, "shard": [0, 1500]}) is None
