@@ -5,10 +5,11 @@ student is four fixed operators (Flatten, Gemm, Relu, Gemm), so building it by h
 teacher's input name, shape and dtype, a dynamic batch axis and the teacher's output name, without
 the tracer's cost on 100M-parameter models or its dependency on onnxscript.
 
-A model over EXTERNAL_OVER bytes (protobuf cannot write a message over 2 GiB: a 400k-wide student
-without a bottleneck is 3.2 GB) has its weights in one file beside it, `<name>.<token>.data`, which the model
-names; onnxruntime reads it from the model's folder, so the two files travel together. The token is
-new for every export, so replacing a model never leaves it pointing at another export's weights.
+A student whose weights pass EXTERNAL_OVER bytes (protobuf cannot hold a message over 2 GiB; a
+400k-wide student without a bottleneck is 3.2 GB) has them written to one file beside the model,
+`<name>.<token>.data`, which the model names; onnxruntime reads it from the model's folder, so the two
+files travel together. The token is new for every export, so replacing a model never leaves it
+pointing at another export's weights.
 
 Validation follows optimum's order: `onnx.checker`, then output names, then shapes, then values
 against the torch student (`np.allclose(ort, torch, rtol=RTOL, atol=ATOL)`). A failure raises
