@@ -145,6 +145,7 @@ def render_markdown(report: dict[str, Any], plot: str | None = None) -> str:
         f"Training: {tr['epochs']} epochs (best {tr['best_epoch']}) on {tr['samples']:,} transfer "
         f"samples in {tr['seconds']:.1f} s on {tr['device']} ({tr['samples_per_second']:,.0f} "
         "samples/s).",
+        *[f"Note: {note}" for note in tr.get("notes", [])],
         f"Export: `{Path(report['export']['path']).name}`, max |onnxruntime - torch| = "
         f"{report['export']['max_abs_diff']:.2e}.",
     ]

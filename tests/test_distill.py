@@ -43,6 +43,11 @@ def test_report_has_the_contract_keys(distilled):
     assert {p.name for p in out.iterdir()} >= {"student.onnx", "student.pt", "report.json", "report.md",
                                                "targets.npy"}
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert r["train"]["notes"] == [] and r["train"]["batch_size"] == 128 and r["train"]["streamed"] is False
+    from compress.evaluate import render_markdown  # a changed request is said in report.md too
+
+    r["train"]["notes"] = ["--batch-size: 4096 does not fit; training with 1024"]
+    assert "Note: --batch-size: 4096 does not fit; training with 1024" in render_markdown(r)
 
 
 def test_student_matches_teacher(distilled, digits_files, digits):
