@@ -132,3 +132,11 @@ def test_targets_then_fit(tmp_path, digits_files, digits):
     np.save(tmp_path / "short.npy", np.load(z)[:100])
     bad = CliRunner().invoke(cli, ["fit", "--data", str(f["x"]), "--targets", str(tmp_path / "short.npy")])
     assert bad.exit_code == 2 and "--targets" in bad.stderr and "one row of logits" in bad.stderr
+    assert r["train"]["engine"] == "autograd"  # a 1k-wide student on digits: too small for the split step
+    forced = CliRunner().invoke(cli, ["fit", "--data", str(f["x"]), "--targets", str(z), "--width", "1k",
+                                      "--rank", "32", "--epochs", "3", "--engine", "split", "--json",
+                                      "--out", str(tmp_path / "split")])
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout)["train"]["engine"] == "split"
+    wrong = CliRunner().invoke(cli, ["fit", "--data", str(f["x"]), "--targets", str(z), "--engine", "fast"])
+    assert wrong.exit_code == 2 and "--engine" in wrong.stderr

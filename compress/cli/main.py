@@ -93,7 +93,7 @@ def say_notes(report: dict[str, Any]) -> None:
 def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_labels: Path | None,
             out_dir: Path, output: str | None, arch: str | None, trust_pickle: bool, key: str | None,
             width: int, rank: int | None, epochs: int | None, batch_size: int, lr: float, loss: str,
-            temperature: float, device: str, seed: int, precision: str, min_agreement: float,
+            temperature: float, device: str, seed: int, engine: str, precision: str, min_agreement: float,
             quantize: str, augment: str | None, memory_budget: int | None, resume: bool,
             bench_seconds: float, as_json: bool) -> None:
     """Distill TEACHER (several: their ensemble) into a wide, shallow student.
@@ -110,7 +110,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
         arch=arch, trust_pickle=trust_pickle, latency_budget_s=bench_seconds, augment=augment,
         memory_budget=memory_budget, resume=resume,
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
-                      temperature=temperature, device=device, seed=seed),
+                      temperature=temperature, device=device, seed=seed, engine=engine),
     )
     with ProgressView(enabled=is_main_rank()) as view:
         report = run(list(teachers), data, opts, eval_data, eval_labels, progress=view.update)
@@ -223,7 +223,7 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, input_name: str,
                 output_name: str, width: int, rank: int | None, epochs: int | None, batch_size: int,
-                lr: float, loss: str, temperature: float, device: str, seed: int, resume: bool,
+                lr: float, loss: str, temperature: float, device: str, seed: int, engine: str, resume: bool,
                 as_json: bool) -> None:
     """Fit a student to logits computed earlier (compress targets): no teacher needed."""
     from compress.fit import FitConfig
@@ -231,7 +231,8 @@ def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, 
 
     opts = DistillOptions(width=width, rank=rank, out_dir=str(out_dir), key=key, resume=resume,
                           fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
-                                        temperature=temperature, device=device, seed=seed))
+                                        temperature=temperature, device=device, seed=seed,
+                                        engine=engine))
     with ProgressView(enabled=is_main_rank()) as view:
         report = fit_targets(data, targets_path, opts, input_name, output_name, progress=view.update)
     if report is None:

@@ -90,6 +90,9 @@ def fit_options(f: Any) -> Any:
                      show_default=True, help="Where to train; auto uses a GPU when there is one."),
         click.option("--seed", type=int, default=d.seed, show_default=True,
                      help="Seed for initialization, shuffling and the held-out split."),
+        click.option("--engine", type=click.Choice(["auto", "split", "autograd"]), default=d.engine,
+                     show_default=True, help="The training step: split (the CPU step of its own, "
+                     "hidden units split across cores), autograd, or auto (split on a CPU where it pays)."),
     ]
     for o in reversed(opts):
         f = o(f)
