@@ -20,7 +20,6 @@ import onnxruntime as ort
 
 from compress.bench import bench
 from compress.demo import mnist1d, prepare
-from compress.exporters.onnx import student_to_onnx
 from compress.exporters.quantize import export_precision
 from compress.fit import FitConfig
 from compress.pipeline import DistillOptions, distill
@@ -48,7 +47,7 @@ def main() -> None:
     report = distill([files.teacher], files.transfer,
                      DistillOptions(width=4000, rank=20, out_dir=str(work / "run"), fit=FitConfig()),
                      files.test_x, files.test_y)
-    model, cfg, meta = load_student(str(work / "run" / "student.pt"))
+    _, cfg, meta = load_student(str(work / "run" / "student.pt"))
     sig = Signature(**{**meta["signature"], "sample_shape": tuple(meta["signature"]["sample_shape"])})
     test = mnist1d()
     check = meta["check_inputs"]
@@ -58,7 +57,7 @@ def main() -> None:
     for name, precision, method in [("fp16", "fp16", "weights"), ("int8-weights", "int8", "weights"),
                                     ("int8-dynamic", "int8", "dynamic"), ("int8-static", "int8", "static")]:
         path = work / f"student.{name}.onnx"
-        info = export_precision(student_to_onnx(model, cfg, sig), path, precision, check,
+        info = export_precision(variants["fp32"], path, precision, check,
                                 min_agreement=0.0, method=method, calibration=calib)
         variants[name] = str(path)
         rows.append((name, info["agreement_with_fp32"]))

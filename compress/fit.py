@@ -86,6 +86,13 @@ class FitResult:
     streamed: bool = False  # the training rows were read in blocks, not held whole
     notes: list[str] = field(default_factory=list)  # what was changed from the request, and why
 
+    def report(self) -> dict[str, Any]:
+        """The report's `train` section, as far as the fit itself knows it."""
+        return {"world_size": self.world_size, "engine": self.engine, "streamed": self.streamed,
+                "epochs": self.epochs, "best_epoch": self.best_epoch, "seconds": self.seconds,
+                "samples_per_second": self.samples_per_second, "device": self.device,
+                "batch_size": self.batch_size, "notes": self.notes, "history": self.history}
+
 
 def resolve_device(device: str) -> torch.device:
     import torch

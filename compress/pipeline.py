@@ -112,7 +112,7 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     and trains its share; rank 0 alone writes files and returns the report (the others None)."""
     from compress import distributed
     from compress import evaluate as ev
-    from compress.exporters.onnx import export_onnx, student_to_onnx
+    from compress.exporters.onnx import export_onnx
     from compress.exporters.quantize import export_precision, refuse_too_large
     from compress.fit import fit
     from compress.student import save_student
@@ -234,7 +234,7 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     save_student(result.model, cfg, str(out / "student.pt"), meta, check_inputs=x_val[:256])
     check_x = x_eval if x_eval is not None else x_val
     exp = export_onnx(result.model, cfg, sig, out / "student.onnx", check_x)
-    extra = [export_precision(student_to_onnx(result.model, cfg, sig), out / f"student.{p}.onnx", p,
+    extra = [export_precision(exp.path, out / f"student.{p}.onnx", p,  # from the checked fp32 file
                               x_val, opts.min_agreement, opts.quantize,
                               np.asarray(x[train_idx[:512]], dtype=np.float32))
              for p in opts.precisions if p != "fp32"]
@@ -267,23 +267,8 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
         "export": {"path": str(Path(exp.path).resolve()), "max_abs_diff": exp.max_abs_diff,
                    "max_abs_diff_fp64": exp.max_abs_diff_fp64, "opset": 17},
         "exports": extra,
-        "train": {
-            "world_size": result.world_size,
-            "engine": result.engine,
-            "streamed": streamed or result.streamed,
-            "epochs": result.epochs,
-            "best_epoch": result.best_epoch,
-            "seconds": result.seconds,
-            "samples_per_second": result.samples_per_second,
-            "device": result.device,
-            "samples": int(len(x_train)),
-            "batch_size": result.batch_size,
-            "notes": result.notes,
-            "lr": opts.fit.lr,
-            "loss": opts.fit.loss,
-            "seed": opts.fit.seed,
-            "history": result.history,
-        },
+        "train": {**result.report(), "streamed": streamed or result.streamed, "samples": int(len(x_train)),
+                  "lr": opts.fit.lr, "loss": opts.fit.loss, "seed": opts.fit.seed},
         "transfer": {"samples": int(x.shape[0]), "holdout": int(val_idx.size),
                      "real_train": int(train_idx.size), "synthetic": n_synthetic,
                      "augment": opts.augment or None,
@@ -347,11 +332,7 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
         "fidelity": {"agreement": ev.agreement(zs, z[val_idx]), "logit_rmse": ev.logit_rmse(zs, z[val_idx]),
                      "on": "the held-out 10% of --data"},
         "export": {"path": str(Path(exp.path).resolve()), "max_abs_diff": exp.max_abs_diff},
-        "train": {"world_size": result.world_size, "engine": result.engine, "epochs": result.epochs,
-                  "best_epoch": result.best_epoch, "seconds": result.seconds,
-                  "samples_per_second": result.samples_per_second, "device": result.device,
-                  "samples": int(train_idx.size), "batch_size": result.batch_size,
-                  "streamed": result.streamed, "notes": result.notes, "history": result.history},
+        "train": {**result.report(), "samples": int(train_idx.size)},
     }
     _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     distributed.finish(world)

@@ -88,7 +88,7 @@ def test_large_weights_go_beside_the_model_and_replace_cleanly(tmp_path, monkeyp
 
 
 def test_precision_exports_of_large_weights(tmp_path, monkeypatch):
-    from compress.exporters.quantize import export_precision
+    from compress.exporters.quantize import export_precision, fp32_file
 
     torch.manual_seed(0)
     cfg = StudentConfig((16,), 7, 64, 4)
@@ -99,7 +99,8 @@ def test_precision_exports_of_large_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(exporter.save, "__defaults__", (1000,))
     for precision, method in [("fp16", "weights"), ("int8", "weights"), ("int8", "dynamic")]:
         out = tmp_path / f"{precision}-{method}" / "s.onnx"
-        res = export_precision(exporter.student_to_onnx(model, cfg, sig), out, precision, x, 0.9, method)
+        with fp32_file(exporter.student_to_onnx(model, cfg, sig)) as fp32:
+            res = export_precision(fp32, out, precision, x, 0.9, method)
         files = exporter.external_files(out)
         if method == "weights":  # onnxruntime's quantizer decides for itself what goes beside
             assert len(files) == 1, (precision, method, sorted(out.parent.iterdir()))

@@ -264,7 +264,7 @@ def export(student: Path, out_path: Path, data: Path | None, precision: str, min
 
     from compress import data as data_mod
     from compress.exporters.onnx import export_onnx, student_to_onnx
-    from compress.exporters.quantize import export_precision, refuse_too_large
+    from compress.exporters.quantize import export_precision, fp32_file, refuse_too_large
     from compress.student import load_student
     from compress.teachers import Signature
 
@@ -283,8 +283,8 @@ def export(student: Path, out_path: Path, data: Path | None, precision: str, min
         info = {"precision": "fp32", "path": res.path, "size_bytes": res.size_bytes,
                 "max_abs_diff": res.max_abs_diff}
     else:
-        info = export_precision(student_to_onnx(model, cfg, sig), out_path, precision, x,
-                                min_agreement, quantize, x)
+        with fp32_file(student_to_onnx(model, cfg, sig)) as fp32:
+            info = export_precision(fp32, out_path, precision, x, min_agreement, quantize, x)
     click.echo(json.dumps(info))
 
 

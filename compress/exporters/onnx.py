@@ -231,9 +231,11 @@ def external_files(path: str | Path, model: onnx.ModelProto | None = None) -> li
     return [path.parent / n for n in sorted(names)]
 
 
-def onnx_size(path: str | Path) -> int:
-    """Bytes of the model file and of the weight files it names."""
-    return Path(path).stat().st_size + sum(f.stat().st_size for f in external_files(path))
+def onnx_size(path: str | Path, model: onnx.ModelProto | None = None) -> int:
+    """Bytes of the model file and of the weight files it names (those that are there). `model`: the
+    file already loaded (without its external data)."""
+    files = external_files(path, model)
+    return Path(path).stat().st_size + sum(f.stat().st_size for f in files if f.is_file())
 
 
 def write_checked(write: Callable[[Path], None], path: str | Path, check: Callable[[str], T]) -> T:

@@ -195,20 +195,31 @@ def refuse_too_large(cfg: Any, precision: str) -> None:
                           "smaller --width or --rank")
 
 
-def export_precision(fp32_proto: Any, out_path: str | Path, precision: str, check_x: np.ndarray,
+@contextlib.contextmanager
+def fp32_file(proto: Any) -> Iterator[str]:
+    """`proto` saved in a temporary folder: the fp32 file `export_precision` starts from, when there is
+    none already (distill converts the student.onnx it has just written and checked)."""
+    from compress.exporters.onnx import save
+
+    with tempfile.TemporaryDirectory() as tmpdir:
+        path = str(Path(tmpdir) / "fp32.onnx")
+        save(proto, path)
+        yield path
+
+
+def export_precision(fp32_path: str | Path, out_path: str | Path, precision: str, check_x: np.ndarray,
                      min_agreement: float = MIN_AGREEMENT, method: str = "weights",
                      calibration: np.ndarray | None = None) -> dict[str, Any]:
-    """Convert, check, and only then move the file to `out_path`."""
-    from compress.exporters.onnx import onnx_size, save, write_checked
+    """Convert the fp32 ONNX file at `fp32_path`, check it against that file, and only then move it
+    to `out_path`."""
+    from compress.exporters.onnx import onnx_size, write_checked
 
     if not 0.0 <= min_agreement <= 1.0:
         raise ConfigError(f"--min-agreement: must be between 0 and 1, got {min_agreement}")
-    with tempfile.TemporaryDirectory() as tmpdir:
-        fp32 = str(Path(tmpdir) / "fp32.onnx")
-        save(fp32_proto, fp32)
-        agreement, diff = write_checked(
-            lambda tmp: convert(fp32, str(tmp), precision, method, calibration), out_path,
-            lambda tmp: check_against_fp32(fp32, tmp, check_x, precision, min_agreement))
+    fp32 = str(fp32_path)
+    agreement, diff = write_checked(
+        lambda tmp: convert(fp32, str(tmp), precision, method, calibration), out_path,
+        lambda tmp: check_against_fp32(fp32, tmp, check_x, precision, min_agreement))
     return {"precision": precision, "path": str(out_path), "size_bytes": onnx_size(out_path),
             "agreement_with_fp32": agreement, "max_abs_diff_vs_fp32": diff,
             "method": method if precision == "int8" else None}

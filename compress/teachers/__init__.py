@@ -162,8 +162,7 @@ def load_teacher(paths: list[str | Path], output: str | None = None, device: str
 
 
 __all__ = ["EnsembleTeacher", "Progress", "Signature", "Teacher", "check_model_file", "gpu_available",
-           "load_teacher",
-           "looks_like_probabilities", "probabilities_to_logits", "run_batched"]
+           "load_teacher", "looks_like_probabilities", "probabilities_to_logits", "run_batched"]
 
 
 def __getattr__(name: str) -> object:  # OnnxTeacher / TorchTeacher without importing both eagerly

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from compress.errors import TeacherError
-from compress.exporters.onnx import external_files
+from compress.exporters.onnx import onnx_size
 from compress.teachers import (
     Progress,
     Signature,
@@ -102,7 +102,7 @@ class OnnxTeacher:
         except Exception as e:  # onnx raises DecodeError, ValueError, ... for a corrupt file
             raise TeacherError(f"TEACHER {self.path}: not a valid ONNX model ({type(e).__name__})") from None
         self.params: int | None = onnx_param_count(self.model)
-        self.size_bytes += sum(f.stat().st_size for f in external_files(self.path, self.model) if f.is_file())
+        self.size_bytes = onnx_size(self.path, self.model)  # with the weight files it names
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         try:
