@@ -132,6 +132,7 @@ def comparison_columns(report: dict[str, Any]) -> tuple[list[str], list[list[str
 def render_markdown(report: dict[str, Any], plot: str | None = None) -> str:
     s, tr, ev = report["student"], report["train"], report["eval"]
     headers, rows = comparison_columns(report)
+    resumed = f" Resumed after epoch {tr['resumed_from_epoch']}." if tr.get("resumed_from_epoch") else ""
     lines = [
         "# compress: teacher vs student",
         "",
@@ -144,7 +145,7 @@ def render_markdown(report: dict[str, Any], plot: str | None = None) -> str:
         "",
         f"Training: {tr['epochs']} epochs (best {tr['best_epoch']}) on {tr['samples']:,} transfer "
         f"samples in {tr['seconds']:.1f} s on {tr['device']} ({tr['samples_per_second']:,.0f} "
-        "samples/s).",
+        "samples/s)." + resumed,
         *[f"Note: {note}" for note in tr.get("notes", [])],
         f"Export: `{Path(report['export']['path']).name}`, max |onnxruntime - torch| = "
         f"{report['export']['max_abs_diff']:.2e}.",

@@ -85,13 +85,15 @@ class FitResult:
     batch_size: int = 0  # samples per step as trained (a GPU's memory may have asked for fewer)
     streamed: bool = False  # the training rows were read in blocks, not held whole
     notes: list[str] = field(default_factory=list)  # what was changed from the request, and why
+    resumed_from_epoch: int = 0  # the checkpoint's last finished epoch when resumed; 0: trained afresh
 
     def report(self) -> dict[str, Any]:
         """The report's `train` section, as far as the fit itself knows it."""
         return {"world_size": self.world_size, "engine": self.engine, "streamed": self.streamed,
                 "epochs": self.epochs, "best_epoch": self.best_epoch, "seconds": self.seconds,
                 "samples_per_second": self.samples_per_second, "device": self.device,
-                "batch_size": self.batch_size, "notes": self.notes, "history": self.history}
+                "batch_size": self.batch_size, "resumed_from_epoch": self.resumed_from_epoch,
+                "notes": self.notes, "history": self.history}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -310,6 +312,9 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
            "samples": n, "epochs": epochs, "input_mean": torch.from_numpy(mu),
            "input_sd": torch.from_numpy(sd)}
     state = ckpt.load(checkpoint, run) if (checkpoint and resume) else None
+    resumed_from = 0 if state is None else int(state["epoch"])
+    if checkpoint and resume and state is None:
+        notes.append(f"--resume: no checkpoint at {checkpoint}: trained from the start")
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -399,4 +404,4 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     return FitResult(model=model, epochs=epochs, best_epoch=best[1], seconds=seconds,
                      samples_per_second=seen * ranks / seconds, device=str(device), history=history,
                      world_size=ranks, engine="autograd" if split is None else "split", batch_size=bs,
-                     streamed=len(bounds) > 1, notes=notes)
+                     streamed=len(bounds) > 1, notes=notes, resumed_from_epoch=resumed_from)

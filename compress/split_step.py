@@ -78,6 +78,7 @@ class SplitStep:
         self._job: tuple[Any, ...] | None = None
         self._error: BaseException | None = None
         self._barrier = threading.Barrier(nt)
+        self._settled = True
         self._saved_threads = torch.get_num_threads()
         self._plans = [self._plan(j) for j in range(nt)]
         torch.set_num_threads(1)
@@ -158,14 +159,15 @@ class SplitStep:
     # done with the last one; so a step's end needs no barrier of its own, only `sync()` before
     # anyone reads the weights. The caller can post the next job only after the threads have read
     # the last one: a step's threads meet again inside it, a sync's meet twice.
+    # The caller's meetings are only in order while every step() and sync() it began has returned:
+    # one left by an exception (Ctrl-C lands anywhere) may have released the threads into a job the
+    # caller never finished, so `_settled` is false from a call's start until its normal return.
 
     def _serve(self, j: int) -> None:
         torch.set_num_threads(1)
         while True:
             try:
-                self._barrier.wait()
-                if self._job is None:  # close()
-                    return
+                self._barrier.wait()  # close() aborts it: BrokenBarrierError
                 if self._job is _SYNC:  # a second meeting, so that no one posts a job before all read it
                     self._barrier.wait()
                     continue
@@ -195,16 +197,20 @@ class SplitStep:
         The other threads may still be finishing their share when it returns: `sync()` waits."""
         group = self.opt.param_groups[0]
         self.step_count += 1
+        self._settled = False
         self._start((x, z, idx, self.step_count, float(group["lr"]), group["betas"], float(group["eps"]),
                      float(group["weight_decay"])))
         self._run(0)
         self._raise()
+        self._settled = True
         return self.loss.clone()
 
     def sync(self) -> None:
         """Wait until every thread has finished the last step."""
+        self._settled = False
         self._start(_SYNC)
         self._meet()
+        self._settled = True
 
     def _meet(self) -> None:
         """Every thread at the barrier; a failed thread's error is raised here."""
@@ -215,10 +221,12 @@ class SplitStep:
             raise
 
     def close(self) -> None:
-        try:
-            self._start(None)  # the threads see no job and return
-        except BaseException:  # noqa: BLE001 - closing after a failed step
-            self._barrier.abort()
+        """Stop the threads: after the last step's work when the calls so far returned normally; at
+        their next barrier (within one matmul) when one was interrupted."""
+        if self._settled:
+            with contextlib.suppress(BaseException):
+                self.sync()  # let a finished step's threads finish their share of its update
+        self._barrier.abort()  # wherever a thread waits, it leaves
         for w in self._workers:
             w.join(timeout=10)
         torch.set_num_threads(self._saved_threads)

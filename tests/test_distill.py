@@ -140,3 +140,40 @@ def test_targets_then_fit(tmp_path, digits_files, digits):
     assert json.loads(forced.stdout)["train"]["engine"] == "split"
     wrong = CliRunner().invoke(cli, ["fit", "--data", str(f["x"]), "--targets", str(z), "--engine", "fast"])
     assert wrong.exit_code == 2 and "--engine" in wrong.stderr
+
+
+def test_ctrl_c_during_fit_says_how_to_resume_and_resume_finishes(tmp_path):
+    """A real SIGINT to `compress fit` once its first checkpoint is on disk: exit 130 within seconds
+    and one line naming --resume and the checkpoint; the same command with --resume then finishes
+    the remaining epochs from it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40_000, 64), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "z.npy", np.tanh(x @ rng.standard_normal((64, 10), dtype=np.float32) / 8))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "compress", "fit", "--data", str(tmp_path / "x.npy"), "--targets",
+           str(tmp_path / "z.npy"), "--width", "1k", "--rank", "16", "--epochs", "8", "--out", str(out),
+           "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the fit ended before its first checkpoint could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130, stderr
+    hint = f"Interrupted: the same command with --resume continues from {out / 'checkpoint.pt'}"
+    assert stderr.strip().splitlines()[-1] == hint
+    assert "Traceback" not in stderr and not stdout and not (out / "student.onnx").exists()
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    train = json.loads(resumed.stdout)["train"]
+    assert 1 <= train["resumed_from_epoch"] < 8
+    assert [h["epoch"] for h in train["history"]] == list(range(1, 9))
+    assert (out / "student.onnx").exists() and not (out / "checkpoint.pt").exists()

@@ -100,6 +100,12 @@ def test_interrupted_fit_resumes_to_the_same_weights(tmp_path):
         fit(x[:500], z[:500], x[500:], z[500:], cfg, FitConfig(epochs=6, lr=1e-2), checkpoint=ck, resume=True)
     with pytest.raises(ConfigError, match="input_mean"):
         fit(x[:500] + 1, z[:500], x[500:], z[500:], cfg, fc, checkpoint=ck, resume=True)
+    assert (full.resumed_from_epoch, resumed.resumed_from_epoch) == (0, 3)
+    assert resumed.report()["resumed_from_epoch"] == 3 and not resumed.notes
+    none = tmp_path / "none.pt"
+    fresh = fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, checkpoint=str(none), resume=True)
+    assert fresh.resumed_from_epoch == 0
+    assert fresh.notes == [f"--resume: no checkpoint at {none}: trained from the start"]
 
 
 def test_standardize_in_chunks_matches_the_float64_formula():

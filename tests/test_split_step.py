@@ -2,6 +2,7 @@
 
 import copy
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -82,6 +83,39 @@ def test_a_failing_thread_reaches_the_caller_and_nothing_hangs():
     step.close()
     assert not any(t.name.startswith("compress-step") for t in threading.enumerate())
     assert torch.get_num_threads() == threads_before
+
+
+def _interrupted_after_meeting(step, call):
+    """Run `call` with a KeyboardInterrupt raised right after its first meeting with the threads:
+    the threads have read the job and started it, the caller never runs its share."""
+    meet = step._meet
+
+    def meet_then_interrupt():
+        meet()
+        raise KeyboardInterrupt
+
+    step._meet = meet_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    del step._meet  # back to the class's method, for close()
+
+
+@pytest.mark.parametrize("when", ["step", "sync"])
+def test_ctrl_c_between_meetings_leaves_no_thread_behind(when):
+    """Ctrl-C can land in the caller just after a meeting released the threads into a step (or the
+    second half of a sync). close() must not take that for an orderly meeting: it used to, and then
+    waited 10 s for a thread stuck in the step's next barrier, and left it running."""
+    model = build_student(StudentConfig((12,), 16, 40, 6))
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    x, z = torch.randn(64, 12), torch.randn(64, 16)
+    step = SplitStep(model, opt, _loss_fn(FitConfig(), 1.0), 16, 32, 2, l2=True)
+    step.step(x, z, torch.arange(32))
+    call = step.sync if when == "sync" else lambda: step.step(x, z, torch.arange(32))
+    _interrupted_after_meeting(step, call)
+    start = time.perf_counter()
+    step.close()
+    assert time.perf_counter() - start < 2
+    assert not any(t.name.startswith("compress-step") for t in threading.enumerate())
 
 
 def data(n=3000, seed=0):

@@ -1,13 +1,17 @@
 """`compress` commands. Each one parses options, calls the library, and renders the result.
 
 Results go to stdout (`--json` prints only the report there); progress, tables and errors go to
-stderr. A `CompressError` or a bad option prints one line and exits 2.
+stderr. A `CompressError` or a bad option prints one line and exits 2. Ctrl-C exits 130; during
+training it also says how to continue.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +62,20 @@ class OneLineErrors(click.Group):
 @click.version_option(package_name="compress")
 def cli() -> None:
     """Distill a trained classifier into a wide, shallow student and ship it as ONNX (SNN-MIMIC)."""
+
+
+@contextlib.contextmanager
+def resume_hint(out_dir: Path) -> Iterator[None]:
+    """Ctrl-C after this run saved a checkpoint: one line saying how to continue, exit status 130."""
+    started = time.time()
+    try:
+        yield
+    except KeyboardInterrupt:
+        ck = out_dir / "checkpoint.pt"
+        if not (is_main_rank() and ck.exists() and ck.stat().st_mtime >= started):
+            raise  # nothing of this run to continue from: click's "Aborted."
+        click.echo(f"\nInterrupted: the same command with --resume continues from {ck}", err=True)
+        raise click.exceptions.Exit(130) from None
 
 
 def say_notes(report: dict[str, Any]) -> None:
@@ -112,7 +130,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                       temperature=temperature, device=device, seed=seed, engine=engine),
     )
-    with ProgressView(enabled=is_main_rank()) as view:
+    with resume_hint(out_dir), ProgressView(enabled=is_main_rank()) as view:
         report = run(list(teachers), data, opts, eval_data, eval_labels, progress=view.update)
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return
@@ -233,7 +251,7 @@ def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, 
                           fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                                         temperature=temperature, device=device, seed=seed,
                                         engine=engine))
-    with ProgressView(enabled=is_main_rank()) as view:
+    with resume_hint(out_dir), ProgressView(enabled=is_main_rank()) as view:
         report = fit_targets(data, targets_path, opts, input_name, output_name, progress=view.update)
     if report is None:
         return
