@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/read_ahead.py
 	$(BIN)/python benchmarks/augment.py
+	-$(BIN)/python benchmarks/cpu_quota.py  # needs root and a writable cgroup filesystem
 
 # Ba & Caruana's Table 1 on MNIST-1D (about 10 minutes on 2 CPU cores)
 bench-paper: install

@@ -25,12 +25,9 @@ def make_session(path: str | Path, provider: str = "cpu", threads: int | None = 
     import onnxruntime as ort
 
     from compress.teachers import gpu_available
+    from compress.teachers.onnx_teacher import session_options
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
+    opts = session_options(threads)
     if provider == "cuda":
         if not (gpu_available() and "CUDAExecutionProvider" in ort.get_available_providers()):
             raise ConfigError("--provider: cuda was asked for but no GPU / CUDA provider is available")

@@ -18,13 +18,17 @@ def describe_onnx(path: Path, output: str | None) -> dict[str, Any]:
     import onnxruntime as ort
 
     from compress.exporters.onnx import onnx_size
-    from compress.teachers.onnx_teacher import OnnxTeacher, onnx_param_count, output_kind_guess, pick_output
+    from compress.teachers.onnx_teacher import (
+        OnnxTeacher,
+        onnx_param_count,
+        output_kind_guess,
+        pick_output,
+        session_options,
+    )
 
     try:
         model = onnx.load(str(path), load_external_data=False)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     except Exception as e:
         raise TeacherError(f"MODEL {path}: not a valid ONNX model ({type(e).__name__})") from None
     info: dict[str, Any] = {

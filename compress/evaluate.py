@@ -29,11 +29,9 @@ def logit_rmse(student: np.ndarray, teacher: np.ndarray) -> float:
 def onnx_session(path: str | Path, device: str = "cpu") -> Any:
     import onnxruntime as ort
 
-    from compress.teachers import ort_providers
+    from compress.teachers.onnx_teacher import ort_providers, session_options
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=ort_providers(device))
+    return ort.InferenceSession(str(path), session_options(), providers=ort_providers(device))
 
 
 def run_onnx(path: str | Path, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:

@@ -31,6 +31,7 @@ from compress.data import Rows
 from compress.errors import ConfigError
 from compress.feed import Feed, activation_bytes, plan_cuda
 from compress.student import StudentConfig, build_student, count_params, flops_per_sample
+from compress.threads import torch_threads, training_threads
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that FitConfig stays cheap to import
     import torch
@@ -86,13 +87,15 @@ class FitResult:
     streamed: bool = False  # the training rows were read in blocks, not held whole
     notes: list[str] = field(default_factory=list)  # what was changed from the request, and why
     resumed_from_epoch: int = 0  # the checkpoint's last finished epoch when resumed; 0: trained afresh
+    threads: int = 0  # torch's CPU threads during the fit (compress.threads: a CPU quota may lower them)
 
     def report(self) -> dict[str, Any]:
         """The report's `train` section, as far as the fit itself knows it."""
         return {"world_size": self.world_size, "engine": self.engine, "streamed": self.streamed,
                 "epochs": self.epochs, "best_epoch": self.best_epoch, "seconds": self.seconds,
                 "samples_per_second": self.samples_per_second, "device": self.device,
-                "batch_size": self.batch_size, "resumed_from_epoch": self.resumed_from_epoch,
+                "batch_size": self.batch_size, "threads": self.threads,
+                "resumed_from_epoch": self.resumed_from_epoch,
                 "notes": self.notes, "history": self.history}
 
 
@@ -212,7 +215,22 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     unless `read_ahead` is False). With `checkpoint`, the state is saved there after every epoch; with
     `resume`, a checkpoint of the same run continues where it stopped. Under torchrun (`world` of
     several ranks) each rank trains on its own equal random shard with DDP; statistics, validation
-    and the best epoch are the same on every rank; only rank 0 writes the checkpoint."""
+    and the best epoch are the same on every rank; only rank 0 writes the checkpoint. torch's CPU
+    threads are capped by a container's CPU quota for the fit (compress.threads), then restored."""
+    threads, note = training_threads()
+    with torch_threads(threads):
+        result = _fit(x_train, z_train, x_val, z_val, cfg, fit_cfg, progress, stream_rows, checkpoint,
+                      resume, world, read_ahead)
+    result.threads = threads
+    if note:
+        result.notes.insert(0, note)
+    return result
+
+
+def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: StudentConfig,
+         fit_cfg: FitConfig, progress: FitProgress | None, stream_rows: int | None,
+         checkpoint: str | None, resume: bool, world: Any, read_ahead: bool) -> FitResult:
+    """fit(), inside its thread budget."""
     import torch
 
     fit_cfg.validate()

@@ -123,13 +123,13 @@ def _check(path: str, model: torch.nn.Module, sig: Signature, x: np.ndarray) -> 
     import onnxruntime as ort
     import torch
 
+    from compress.teachers.onnx_teacher import session_options
+
     try:
         onnx.checker.check_model(path, full_check=True)
     except Exception as e:
         raise ExportError("exported ONNX failed onnx.checker", [str(e).splitlines()[0]]) from None
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
     failures = []
     names = [o.name for o in sess.get_outputs()]
     if names != [sig.output_name]:

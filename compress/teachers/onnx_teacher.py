@@ -39,6 +39,23 @@ def ort_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def session_options(threads: int | None = None) -> Any:
+    """onnxruntime session options: errors only in its log; `threads` intra-op threads, or when
+    none are asked for, the process's CPU budget where a container's quota caps it (compress.threads:
+    onnxruntime, like torch, would size its pool to the host's cores)."""
+    import onnxruntime as ort
+
+    from compress.threads import quota_cap
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    threads = threads or quota_cap()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return opts
+
+
 def onnx_param_count(model: Any) -> int:
     """Floating-point values the model stores: initializers, float tensors in Constant nodes, and
     float-list attributes (scikit-learn converters keep coefficients and tree thresholds there).
@@ -103,10 +120,9 @@ class OnnxTeacher:
             raise TeacherError(f"TEACHER {self.path}: not a valid ONNX model ({type(e).__name__})") from None
         self.params: int | None = onnx_param_count(self.model)
         self.size_bytes = onnx_size(self.path, self.model)  # with the weight files it names
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=ort_providers(device))
+            self.session = ort.InferenceSession(str(self.path), session_options(),
+                                                providers=ort_providers(device))
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TeacherError(f"TEACHER {self.path}: onnxruntime cannot load it ({first})") from None
