@@ -93,3 +93,28 @@ def test_onnxruntime_sessions_take_the_budget_only_under_a_quota(monkeypatch):
     assert session_options(5).intra_op_num_threads == 5  # asked for (compress bench --threads)
     monkeypatch.setattr(threads, "quota_cap", lambda: None)
     assert session_options().intra_op_num_threads == 0  # onnxruntime's own choice
+
+
+def test_a_torch_teacher_labels_within_the_quota(tmp_path, monkeypatch):
+    from compress.teachers import torch_teacher
+    from compress.teachers.torch_teacher import TorchTeacher
+
+    net = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    path = tmp_path / "t.pt"
+    torch.jit.save(torch.jit.trace(net, torch.randn(2, 6)), str(path))
+    teacher = TorchTeacher(path)
+    seen = []
+    real = torch_teacher.run_batched
+    monkeypatch.setattr(torch_teacher, "run_batched",
+                        lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cpu_budget", lambda **_: 1)
+    outside = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
+        np.testing.assert_allclose(teacher.logits(x), net(torch.from_numpy(x)).detach().numpy(), rtol=1e-5)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(outside)

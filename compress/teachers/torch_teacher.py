@@ -175,8 +175,12 @@ class TorchTeacher:
 
     def logits(self, x: np.ndarray, batch_size: int = 1024, progress: Progress | None = None
                ) -> np.ndarray:
-        try:
-            return run_batched(self._run, x, batch_size, self.signature.batch, progress)
+
+        from compress.threads import torch_threads, training_threads
+
+        try:  # on the CPU, within a container's CPU quota, as training is (compress.threads)
+            with torch_threads(training_threads()[0]):
+                return run_batched(self._run, x, batch_size, self.signature.batch, progress)
         except TeacherError:
             raise
         except Exception as e:
