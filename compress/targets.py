@@ -61,6 +61,20 @@ def _partial(path: Path) -> tuple[Path, Path]:
     return path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.progress.json")
 
 
+def labelled_so_far(path: str | Path, since: float = 0.0) -> tuple[int, int] | None:
+    """(rows committed, rows in all) of an unfinished cache at `path` whose progress was committed at
+    or after time `since`; None when there is none."""
+    state_path = _partial(Path(path))[1]
+    try:
+        if state_path.stat().st_mtime < since:
+            return None
+        state = json.loads(state_path.read_text())
+        done, n = int(state["done"]), int(state["shape"][0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return (done, n) if done > 0 else None
+
+
 def load_cached(path: str | Path, key: dict[str, Any]) -> np.ndarray | None:
     """The cached logits (memory-mapped) when the file exists and its key matches, else None."""
     path = Path(path)

@@ -177,3 +177,33 @@ def test_ctrl_c_during_fit_says_how_to_resume_and_resume_finishes(tmp_path):
     assert 1 <= train["resumed_from_epoch"] < 8
     assert [h["epoch"] for h in train["history"]] == list(range(1, 9))
     assert (out / "student.onnx").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_ctrl_c_during_targets_says_how_far_labelling_got(tmp_path, digits_files):
+    """A real SIGINT to `compress targets` once a chunk of logits is committed: exit 130 and one line
+    saying how many rows are kept for the same command to continue from."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    x = np.resize(np.load(digits_files["x"]), (400_000, 64))
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "z.npy"
+    progress = tmp_path / ".z.npy.progress.json"
+    proc = subprocess.Popen([sys.executable, "-m", "compress", "targets", str(digits_files["teacher"]),
+                             "--data", str(tmp_path / "x.npy"), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if progress.exists() and json.loads(progress.read_text())["done"] > 0:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "labelling ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]
+    done = json.loads(progress.read_text())["done"]
+    assert last == f"Interrupted: {done:,} of 400,000 rows are labelled; the same command continues"
+    assert 0 < done < 400_000 and not out.exists() and "Traceback" not in stderr

@@ -11,7 +11,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +65,30 @@ def cli() -> None:
 
 
 @contextlib.contextmanager
-def resume_hint(out_dir: Path) -> Iterator[None]:
-    """Ctrl-C after this run saved a checkpoint: one line saying how to continue, exit status 130."""
+def on_interrupt(hint: Callable[[float], str | None]) -> Iterator[None]:
+    """Ctrl-C: `hint(start time)` (how to continue what this run saved) as one line, exit status 130;
+    with no hint, click's "Aborted."."""
     started = time.time()
     try:
         yield
     except KeyboardInterrupt:
-        ck = out_dir / "checkpoint.pt"
-        if not (is_main_rank() and ck.exists() and ck.stat().st_mtime >= started):
-            raise  # nothing of this run to continue from: click's "Aborted."
-        click.echo(f"\nInterrupted: the same command with --resume continues from {ck}", err=True)
+        line = hint(started) if is_main_rank() else None
+        if not line:
+            raise
+        click.echo(f"\nInterrupted: {line}", err=True)
         raise click.exceptions.Exit(130) from None
+
+
+def resume_hint(out_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Ctrl-C after this run saved a checkpoint: say that --resume continues from it."""
+    ck = out_dir / "checkpoint.pt"
+
+    def hint(started: float) -> str | None:
+        if ck.exists() and ck.stat().st_mtime >= started:
+            return f"the same command with --resume continues from {ck}"
+        return None
+
+    return on_interrupt(hint)
 
 
 def say_notes(report: dict[str, Any]) -> None:
@@ -156,7 +169,7 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
     """Label the transfer data with the teacher's logits, once, into a .npy file."""
     from compress import data as data_mod
     from compress import distributed
-    from compress.targets import cache_key, compute_targets, compute_targets_distributed
+    from compress.targets import cache_key, compute_targets, compute_targets_distributed, labelled_so_far
     from compress.teachers import load_teacher
 
     if out_path.suffix != ".npy":
@@ -172,7 +185,11 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
         if not world.main:
             return
     else:
-        with ProgressView() as view:
+        def hint(started: float) -> str | None:
+            so_far = labelled_so_far(out_path, started)
+            return so_far and f"{so_far[0]:,} of {so_far[1]:,} rows are labelled; the same command continues"
+
+        with on_interrupt(hint), ProgressView() as view:
             z = compute_targets(teacher, x, out_path, key_, batch_size,
                                 lambda done, n: view.update("targets", {"done": done, "total": n}))
     click.echo(f"{out_path}: {z.shape[0]} x {z.shape[1]} logits ({teacher.output_kind})")
