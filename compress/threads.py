@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -35,31 +35,27 @@ def _levels(root: Path, rel: str) -> list[Path]:
     return [root.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
 
 
-def _v2(root: Path, rel: str) -> float | None:
+def _tightest(levels: list[Path], quota_and_period: Callable[[Path], tuple[str, str]]) -> float | None:
+    """The smallest quota / period over the levels that set one (a missing, unlimited or garbled
+    level sets none)."""
     quotas = []
-    for level in _levels(root, rel):
-        fields = (_read(level / "cpu.max") or "").split()
-        if len(fields) == 2 and fields[0] != "max":
-            try:
-                quota, period = int(fields[0]), int(fields[1])
-            except ValueError:
-                continue
-            if quota > 0 and period > 0:
-                quotas.append(quota / period)
-    return min(quotas, default=None)
-
-
-def _v1(root: Path, rel: str) -> float | None:
-    quotas = []
-    for level in _levels(root, rel):
-        quota, period = _read(level / "cpu.cfs_quota_us"), _read(level / "cpu.cfs_period_us")
+    for level in levels:
         try:
-            q, p = int(quota or ""), int(period or "")
-        except ValueError:
+            quota, period = (int(v) for v in quota_and_period(level))
+        except ValueError:  # "max", "", junk
             continue
-        if q > 0 and p > 0:  # -1: no quota
-            quotas.append(q / p)
+        if quota > 0 and period > 0:  # v1 writes -1 for no quota
+            quotas.append(quota / period)
     return min(quotas, default=None)
+
+
+def _v2(level: Path) -> tuple[str, str]:
+    fields = (_read(level / "cpu.max") or "").split()
+    return (fields[0], fields[1]) if len(fields) == 2 else ("", "")
+
+
+def _v1(level: Path) -> tuple[str, str]:
+    return _read(level / "cpu.cfs_quota_us") or "", _read(level / "cpu.cfs_period_us") or ""
 
 
 def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> float | None:
@@ -72,11 +68,11 @@ def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> float
         hier, _, rest = line.partition(":")
         controllers, _, rel = rest.partition(":")
         if hier == "0" and controllers == "":  # cgroup v2 (unified)
-            found.append(_v2(root, rel))
+            found.append(_tightest(_levels(root, rel), _v2))
         elif "cpu" in controllers.split(","):  # cgroup v1: mounted as cpu,cpuacct or cpu
             for mount in (controllers, "cpu,cpuacct", "cpu"):
                 if (root / mount).is_dir():
-                    found.append(_v1(root / mount, rel))
+                    found.append(_tightest(_levels(root / mount, rel), _v1))
                     break
     return min((q for q in found if q is not None), default=None)
 

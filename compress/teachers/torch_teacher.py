@@ -175,7 +175,6 @@ class TorchTeacher:
 
     def logits(self, x: np.ndarray, batch_size: int = 1024, progress: Progress | None = None
                ) -> np.ndarray:
-
         from compress.threads import torch_threads, training_threads
 
         try:  # on the CPU, within a container's CPU quota, as training is (compress.threads)
