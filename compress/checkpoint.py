@@ -42,6 +42,21 @@ def load(path: str | Path, run: dict[str, Any]) -> dict[str, Any] | None:
     return state
 
 
+def finished_epoch(path: str | Path, run: dict[str, Any]) -> int | None:
+    """The last epoch saved in `path` when it is a checkpoint of this run; None otherwise. Memory-mapped:
+    a large student's weights and moments are not read."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        saved = state["run"]
+        if all(k in saved and _same(saved[k], run[k]) for k in run):
+            return int(state["epoch"])
+    except Exception:  # noqa: BLE001 - missing, unreadable or foreign: nothing to warn about
+        pass
+    return None
+
+
 def _same(a: Any, b: Any) -> bool:
     import torch
 

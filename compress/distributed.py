@@ -25,8 +25,13 @@ class World:
         return self.rank == 0
 
 
+def world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun), before init()."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init() -> World:
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = world_size()
     if size <= 1:
         return World()
     import torch

@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that FitConfig stays
     import torch
     from torch import nn
 
+# progress(info): steps done ({epoch, epochs, step, steps, samples_per_second}; at an epoch's end also
+# loss and agreement), or {note}: something to show the user now
 FitProgress = Callable[[dict[str, Any]], None]
 PAD = 16  # class count padded to a multiple of this while training
 # The split CPU step costs its threads about 1 ms a step to meet; from about 100 MFLOP a step it is
@@ -333,6 +335,11 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     resumed_from = 0 if state is None else int(state["epoch"])
     if checkpoint and resume and state is None:
         notes.append(f"--resume: no checkpoint at {checkpoint}: trained from the start")
+    earlier = ckpt.finished_epoch(checkpoint, run) if (checkpoint and not resume and rank == 0) else None
+    if earlier is not None and progress:  # said now, while there is time to stop and add --resume
+        progress({"note": f"{checkpoint} holds epoch {earlier} of {epochs} of an unfinished run with these "
+                          "options; this run replaces it when its first epoch ends (stop now and add "
+                          "--resume to continue it instead)"})
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])

@@ -48,7 +48,7 @@ class DistillOptions:
     latency_budget_s: float = 1.0  # timing per model and batch size (--bench-seconds)
     augment: str | None = None  # "munge:20", "noise:5", "mixup:4": synthetic transfer data
     memory_budget: int | None = None  # bytes of training data held in memory; None: a quarter of RAM
-    resume: bool = False  # continue an interrupted fit from out_dir/checkpoint.pt
+    resume: bool = False  # keep a finished run of the same inputs and options; else continue its checkpoint
     cache_dir: str | None = None  # where the logit cache lives; None: out_dir (sweep shares one)
 
 
@@ -84,6 +84,33 @@ def _write_text(path: Path, text: str) -> None:
         Path(tmp).write_text(text)
 
 
+def run_record(opts: DistillOptions, inputs: dict[str, Any], eval_data: str | Path | None,
+               eval_labels: str | Path | None, cfg: StudentConfig) -> dict[str, Any]:
+    """What a run's outputs depend on: the teachers and data (the logit cache's key: path, size and
+    modification time of each file), the evaluation files, the student, and every option that changes
+    a result. `report.json` keeps it under "run"; `--resume` keeps a finished run whose record matches."""
+    from compress.targets import data_key
+
+    options = dataclasses.asdict(opts)
+    for name in ("out_dir", "resume", "cache_dir", "trust_pickle", "teacher_batch_size"):
+        del options[name]
+    record = {"inputs": inputs, "eval_data": data_key(eval_data) if eval_data is not None else None,
+              "eval_labels": data_key(eval_labels) if eval_labels is not None else None,
+              "student": cfg.to_dict(), "options": options}
+    return json.loads(json.dumps(record))  # tuples as lists: equal to its own JSON round trip
+
+
+def finished_run(out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The report of a finished run in `out` with this record, its student still there; else None."""
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("run") != record:
+        return None
+    return report if (out / "student.onnx").exists() and (out / "student.pt").exists() else None
+
+
 def default_memory_budget() -> int:
     """A quarter of physical memory (8 GiB where it cannot be read)."""
     try:
@@ -109,7 +136,9 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
             progress: StageProgress | None = None) -> dict[str, Any] | None:
     """Distill `teachers` (one, or an ensemble) on the transfer data; write the student, its ONNX
     export and the report into `opts.out_dir`; return the report. Under torchrun every rank labels
-    and trains its share; rank 0 alone writes files and returns the report (the others None)."""
+    and trains its share; rank 0 alone writes files and returns the report (the others None).
+    With `opts.resume`, a run that already finished in `opts.out_dir` with the same inputs and options
+    (`run_record`) is not run again: its report comes back, with "reused": true (not in the file)."""
     from compress import distributed
     from compress import evaluate as ev
     from compress.exporters.onnx import export_onnx
@@ -172,11 +201,17 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
 
+    key = cache_key(list(teachers), data, sig.output_name, x.shape[0])
+    record = run_record(opts, key, eval_data, eval_labels, cfg)
+    if opts.resume and distributed.world_size() == 1:  # torchrun: ranks may not share the folder
+        done = finished_run(out, record)
+        if done is not None:
+            return {**done, "reused": True}
+
     world = distributed.init()
 
     # 2. the teacher's logits over the transfer data, once
     cache = Path(opts.cache_dir or out) / "targets.npy"
-    key = cache_key(list(teachers), data, sig.output_name, x.shape[0])
     z = load_cached(cache, key)
     cached = z is not None
     distributed.barrier(world)  # every rank has looked at the cache before rank 0 may write it
@@ -275,6 +310,7 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
                      "targets_cached": cached, "targets_path": str(cache.resolve())},
         "eval": {"source": source, "samples": int(xc.shape[0]), "labels": y_eval is not None},
         "latency_provider": student.session.get_providers()[0],
+        "run": record,
     }
     checkpoint.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     plot = write_plot(report, out / "report.png")

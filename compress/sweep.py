@@ -49,10 +49,33 @@ def train_on_labels(data: str | Path, labels: str | Path, width: int, rank: int 
             "accuracy": acc, "fit_seconds": res.seconds}
 
 
+def labels_record(data: str | Path, labels: str | Path, width: int, opts: DistillOptions,
+                  eval_data: str | Path | None, eval_labels: str | Path | None) -> dict[str, Any]:
+    """What a trained-on-labels row depends on (files by path, size and modification time)."""
+    from compress.targets import data_key
+
+    return json.loads(json.dumps({
+        "data": data_key(data), "labels": data_key(labels), "width": width, "key": opts.key,
+        "fit": dataclasses.asdict(opts.fit),
+        "eval": [data_key(p) if p is not None else None for p in (eval_data, eval_labels)]}))
+
+
+def _reuse(path: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["row"] if isinstance(saved, dict) and saved.get("run") == record else None
+
+
 def sweep(teachers: list[str | Path], data: str | Path, widths: list[int], ranks: list[int],
           opts: DistillOptions, eval_data: str | Path | None = None, eval_labels: str | Path | None = None,
           train_labels: str | Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Distill every (width, rank) into out_dir/w<width>_k<rank>/, write sweep.json/.md and sweep.png."""
+    """Distill every (width, rank) into out_dir/w<width>_k<rank>/, write sweep.json/.md and sweep.png.
+
+    With `opts.resume`, students that finished with the same inputs and options are kept (their rows
+    say "reused"), the one that was interrupted continues from its checkpoint, and trained-on-labels
+    rows are kept likewise (out_dir/labels_w<width>.json)."""
     from compress import data as data_mod
 
     if not widths or not ranks:
@@ -60,10 +83,14 @@ def sweep(teachers: list[str | Path], data: str | Path, widths: list[int], ranks
     out = Path(opts.out_dir)
     rows: list[dict[str, Any]] = []
     teacher: dict[str, Any] = {}
+    total = len(widths) * len(ranks) + (len(widths) if train_labels is not None else 0)
     for w in widths:
         for k in ranks:
-            run = dataclasses.replace(opts, width=w, rank=k, out_dir=str(out / f"w{w}_k{k}"),
-                                      cache_dir=str(out))
+            sub = out / f"w{w}_k{k}"
+            # --resume per student only where it left something: elsewhere it would note "no checkpoint"
+            resume = opts.resume and ((sub / "report.json").exists() or (sub / "checkpoint.pt").exists())
+            run = dataclasses.replace(opts, width=w, rank=k, out_dir=str(sub), cache_dir=str(out),
+                                      resume=resume)
             r = distill(teachers, data, run, eval_data, eval_labels, progress=progress)
             assert r is not None  # sweep runs in one process
             teacher = r["teacher"]
@@ -71,16 +98,29 @@ def sweep(teachers: list[str | Path], data: str | Path, widths: list[int], ranks
             rows.append({"kind": "mimic", "width": w, "rank": k, "params": r["student"]["params"],
                          "accuracy": r["student"]["accuracy"], "agreement": r["fidelity"]["agreement"],
                          "latency_ms_batch1_p50": lat.get("1", {}).get("p50"),
-                         "fit_seconds": r["train"]["seconds"], "path": r["export"]["path"]})
+                         "fit_seconds": r["train"]["seconds"], "path": r["export"]["path"],
+                         "reused": bool(r.get("reused"))})
             if progress:
-                progress("sweep", {"done": len(rows), "total": len(widths) * len(ranks)})
+                progress("sweep", {"done": len(rows), "total": total})
     if train_labels is not None:
         x_eval = y_eval = None
         if eval_data is not None and eval_labels is not None:
             x_eval = data_mod.load_inputs(eval_data, None, what="--eval-data", key=opts.key)
             y_eval = data_mod.load_labels(eval_labels, len(x_eval))
         for w in widths:
-            rows.append(train_on_labels(data, train_labels, w, 0, opts, x_eval, y_eval))
+            path = out / f"labels_w{w}.json"
+            record = labels_record(data, train_labels, w, opts, eval_data, eval_labels)
+            row = _reuse(path, record) if opts.resume else None
+            if row is None:
+                row = train_on_labels(data, train_labels, w, 0, opts, x_eval, y_eval)
+                with atomic_path(path) as tmp:
+                    Path(tmp).write_text(json.dumps({"run": record, "row": row}, indent=2) + "\n")
+                row["reused"] = False
+            else:
+                row["reused"] = True
+            rows.append(row)
+            if progress:
+                progress("sweep", {"done": len(rows), "total": total})
     result = {"teacher": {"name": teacher.get("name"), "params": teacher.get("params"),
                           "accuracy": teacher.get("accuracy")}, "runs": rows}
     with atomic_path(out / "sweep.json") as tmp:

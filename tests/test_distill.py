@@ -179,9 +179,11 @@ def test_ctrl_c_during_fit_says_how_to_resume_and_resume_finishes(tmp_path):
     assert (out / "student.onnx").exists() and not (out / "checkpoint.pt").exists()
 
 
-def test_ctrl_c_during_targets_says_how_far_labelling_got(tmp_path, digits_files):
-    """A real SIGINT to `compress targets` once a chunk of logits is committed: exit 130 and one line
-    saying how many rows are kept for the same command to continue from."""
+@pytest.mark.parametrize("command", ["targets", "distill"])
+def test_ctrl_c_during_labelling_says_how_far_it_got(tmp_path, digits_files, command):
+    """A real SIGINT to `compress targets` (or `distill` in its labelling stage) once a chunk of logits
+    is committed: exit 130 and one line saying how many rows are kept for the same command to
+    continue from."""
     import signal
     import subprocess
     import sys
@@ -189,10 +191,13 @@ def test_ctrl_c_during_targets_says_how_far_labelling_got(tmp_path, digits_files
 
     x = np.resize(np.load(digits_files["x"]), (400_000, 64))
     np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "z.npy"
-    progress = tmp_path / ".z.npy.progress.json"
-    proc = subprocess.Popen([sys.executable, "-m", "compress", "targets", str(digits_files["teacher"]),
-                             "--data", str(tmp_path / "x.npy"), "--out", str(out)],
+    if command == "targets":
+        out, args = tmp_path / "z.npy", ["--out", str(tmp_path / "z.npy")]
+    else:
+        out, args = tmp_path / "run" / "targets.npy", ["--out", str(tmp_path / "run")]
+    progress = out.with_name(f".{out.name}.progress.json")
+    proc = subprocess.Popen([sys.executable, "-m", "compress", command, str(digits_files["teacher"]),
+                             "--data", str(tmp_path / "x.npy"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
@@ -207,3 +212,35 @@ def test_ctrl_c_during_targets_says_how_far_labelling_got(tmp_path, digits_files
     done = json.loads(progress.read_text())["done"]
     assert last == f"Interrupted: {done:,} of 400,000 rows are labelled; the same command continues"
     assert 0 < done < 400_000 and not out.exists() and "Traceback" not in stderr
+
+
+def test_resume_keeps_a_finished_run_of_the_same_inputs_and_options(tmp_path, digits_files):
+    """distill --resume on a folder that holds this very run, finished, returns its report and
+    leaves its files alone; another option, or a data file modified since, runs it again."""
+    import os
+    import shutil
+
+    f = digits_files
+    out, x = tmp_path / "run", shutil.copy(f["x"], tmp_path / "x.npy")  # a copy: its time is changed below
+    args = ["distill", str(f["teacher"]), "--data", str(x), "--width", "64", "--rank", "0",
+            "--epochs", "2", "--bench-seconds", "0.02", "--out", str(out), "--json"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    made = (out / "student.onnx").stat().st_mtime_ns
+    assert json.loads(first.stdout)["run"]["options"]["fit"]["epochs"] == 2
+
+    again = CliRunner().invoke(cli, [*args, "--resume"])
+    assert again.exit_code == 0, again.output
+    kept = json.loads(again.stdout)
+    assert kept["reused"] is True and f"Note: {out} holds this run, finished" in again.stderr
+    assert {k: v for k, v in kept.items() if k != "reused"} == json.loads((out / "report.json").read_text())
+    assert (out / "student.onnx").stat().st_mtime_ns == made
+
+    other = CliRunner().invoke(cli, [*args[:-1], "--epochs", "3", "--json", "--resume"])
+    assert other.exit_code == 0, other.output
+    assert "reused" not in json.loads(other.stdout) and json.loads(other.stdout)["train"]["epochs"] == 3
+    st = os.stat(x)  # the data file "changed" since: its key (size and modification time) differs
+    os.utime(x, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    redone = CliRunner().invoke(cli, [*args[:-1], "--epochs", "3", "--json", "--resume"])
+    assert redone.exit_code == 0 and "reused" not in json.loads(redone.stdout)
+    assert json.loads(redone.stdout)["transfer"]["targets_cached"] is False

@@ -118,3 +118,23 @@ def test_standardize_in_chunks_matches_the_float64_formula():
     np.testing.assert_allclose(part, ((x - mu) / sd)[10:80:2], rtol=1e-5, atol=1e-5)
     images = standardize(x.reshape(100, 3, 4), mu, sd, 90)  # samples of any shape, flattened
     np.testing.assert_allclose(images, ((x - mu) / sd)[90:], rtol=1e-5, atol=1e-5)
+
+
+def test_a_fresh_run_says_when_it_will_replace_a_resumable_checkpoint(tmp_path):
+    """Without --resume, a checkpoint of the same run is replaced after the first epoch: said at the
+    start, while the user can still stop and add --resume; a checkpoint of another run is not."""
+    x, z = realizable(600)
+    cfg, fc = StudentConfig((12,), 5, 64, 6), FitConfig(epochs=2)
+    ck = str(tmp_path / "checkpoint.pt")
+    fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, checkpoint=ck)  # fit leaves it; distill removes it
+
+    def notes_of(cfg, fc, resume=False):
+        seen = []
+        fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, lambda info: seen.append(info.get("note")),
+            checkpoint=ck, resume=resume)
+        return [n for n in seen if n]
+
+    (note,) = notes_of(cfg, fc)
+    assert note.startswith(f"{ck} holds epoch 2 of 2 of an unfinished run") and "--resume" in note
+    assert notes_of(cfg, fc, resume=True) == []  # resumed: nothing is replaced
+    assert notes_of(StudentConfig((12,), 5, 32, 6), fc) == []  # another run's checkpoint

@@ -41,3 +41,47 @@ def test_sweep_bad_widths(tmp_path, digits_files):
                                       "--widths", "4k,abc"])
     assert result.exit_code == 2 and "--widths" in result.stderr
     assert np is not None
+
+
+def test_ctrl_c_then_resume_keeps_the_finished_students(tmp_path, digits_files):
+    """A real SIGINT to a sweep once its first student is finished: exit 130 and one line saying how
+    many are finished; the same command with --resume keeps that student's files, trains the rest,
+    and a second --resume trains nothing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    f = digits_files
+    out = tmp_path / "sweep"
+    args = ["sweep", str(f["teacher"]), "--data", str(f["x"]), "--eval-data", str(f["x_test"]),
+            "--eval-labels", str(f["y_test"]), "--train-labels", str(f["y"]), "--widths", "64,4k",
+            "--ranks", "0", "--epochs", "20", "--bench-seconds", "0.02", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "compress", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = out / "w64_k0" / "report.json"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == ("Interrupted: 1 of 4 students are finished; the same "
+                                               "command with --resume keeps them and continues")
+    assert "Traceback" not in stderr and not (out / "sweep.json").exists()
+    made = (out / "w64_k0" / "student.onnx").stat().st_mtime_ns
+
+    resumed = CliRunner().invoke(cli, [*args, "--resume", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    runs = json.loads(resumed.stdout)["runs"]
+    assert [(r["kind"], r["width"], r["reused"]) for r in runs] == [
+        ("mimic", 64, True), ("mimic", 4000, False), ("labels", 64, False), ("labels", 4000, False)]
+    assert (out / "w64_k0" / "student.onnx").stat().st_mtime_ns == made
+    assert all(r["accuracy"] > 0.8 for r in runs)
+
+    again = CliRunner().invoke(cli, [*args, "--resume", "--json"])
+    assert again.exit_code == 0, again.output
+    rows = json.loads(again.stdout)["runs"]
+    assert all(r["reused"] for r in rows)
+    assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in runs]

@@ -79,14 +79,25 @@ def on_interrupt(hint: Callable[[float], str | None]) -> Iterator[None]:
         raise click.exceptions.Exit(130) from None
 
 
-def resume_hint(out_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """Ctrl-C after this run saved a checkpoint: say that --resume continues from it."""
+def _newer(path: Path, started: float) -> bool:
+    try:
+        return path.stat().st_mtime >= started
+    except OSError:
+        return False
+
+
+def resume_hint(out_dir: Path, cache: Path | None = None) -> contextlib.AbstractContextManager[None]:
+    """Ctrl-C after this run saved a checkpoint: say that --resume continues from it; before that,
+    while labelling into `cache`, how many rows are labelled (the next run starts from them)."""
+    from compress.targets import labelled_so_far
+
     ck = out_dir / "checkpoint.pt"
 
     def hint(started: float) -> str | None:
-        if ck.exists() and ck.stat().st_mtime >= started:
+        if _newer(ck, started):
             return f"the same command with --resume continues from {ck}"
-        return None
+        so_far = labelled_so_far(cache, started) if cache is not None else None
+        return so_far and f"{so_far[0]:,} of {so_far[1]:,} rows are labelled; the same command continues"
 
     return on_interrupt(hint)
 
@@ -143,11 +154,15 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                       temperature=temperature, device=device, seed=seed, engine=engine),
     )
-    with resume_hint(out_dir), ProgressView(enabled=is_main_rank()) as view:
+    with resume_hint(out_dir, out_dir / "targets.npy"), ProgressView(enabled=is_main_rank()) as view:
         report = run(list(teachers), data, opts, eval_data, eval_labels, progress=view.update)
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return
-    say_notes(report)
+    if report.get("reused"):
+        click.echo(f"Note: {out_dir} holds this run, finished, with the same inputs and options: kept "
+                   "(without --resume it runs again)", err=True)
+    else:
+        say_notes(report)
     emit(report, as_json)
     if not as_json:
         console.print(f"Wrote {out_dir}/student.onnx, student.pt, report.json, report.md")
@@ -212,11 +227,13 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
 @click.option("--bench-seconds", type=float, default=0.2, show_default=True,
               help="Latency timing budget per model and batch size.")
+@click.option("--resume", is_flag=True,
+              help="Keep the students an interrupted sweep finished; continue the one it was training.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_labels: Path | None,
           train_labels: Path | None, widths: str, ranks: str, out_dir: Path, output: str | None,
           arch: str | None, trust_pickle: bool, key: str | None, epochs: int | None, seed: int,
-          bench_seconds: float, as_json: bool) -> None:
+          bench_seconds: float, resume: bool, as_json: bool) -> None:
     """Distill one student per (width, rank) from one logit cache; table and accuracy-vs-parameters figure."""
     from compress.fit import FitConfig
     from compress.pipeline import DistillOptions
@@ -233,10 +250,27 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
     rs = [0 if r is None else r for r in parse_list(ranks, RankType(), "'--ranks'")]
     opts = DistillOptions(out_dir=str(out_dir), output=output, arch=arch, trust_pickle=trust_pickle,
                           key=key, fit=FitConfig(epochs=epochs, seed=seed), latency_budget_s=bench_seconds,
-                          latency_batches=(1,))
-    with ProgressView() as view:
+                          latency_batches=(1,), resume=resume)
+    done = {"done": 0, "total": len(ws) * len(rs) + (len(ws) if train_labels else 0)}
+
+    def hint(started: float) -> str | None:
+        from compress.targets import labelled_so_far
+
+        saved = done["done"] or any(_newer(ck, started) for ck in out_dir.glob("w*_k*/checkpoint.pt"))
+        if saved:
+            return (f"{done['done']} of {done['total']} students are finished; the same command with "
+                    "--resume keeps them and continues")
+        so_far = labelled_so_far(out_dir / "targets.npy", started)
+        return so_far and f"{so_far[0]:,} of {so_far[1]:,} rows are labelled; the same command continues"
+
+    with on_interrupt(hint), ProgressView() as view:
+        def update(stage: str, info: dict[str, Any]) -> None:
+            if stage == "sweep":
+                done.update(info)
+            view.update(stage, info)
+
         result = run(list(teachers), data, ws, rs, opts, eval_data, eval_labels, train_labels,
-                     progress=view.update)
+                     progress=update)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

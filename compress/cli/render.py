@@ -11,7 +11,7 @@ from rich.table import Table
 console = Console(stderr=True)
 
 _LABELS = {"targets": "teacher", "targets ": "teacher+", "augment": "augment", "fit": "fit",
-           "export": "export", "compare": "compare"}
+           "export": "export", "compare": "compare", "sweep": "sweep"}
 
 
 class ProgressView:
@@ -38,7 +38,9 @@ class ProgressView:
         return self.tasks[stage]
 
     def update(self, stage: str, info: dict[str, Any]) -> None:
-        if stage in ("targets", "augment"):
+        if "note" in info:  # something to read now, not in the final report
+            self.progress.console.print(f"Note: {info['note']}", highlight=False)
+        elif stage in ("targets", "augment", "sweep"):
             if self.totals.get(stage, info["total"]) != info["total"]:
                 stage = f"{stage} "  # a second pass (the synthetic samples): a bar of its own
             self.totals.setdefault(stage, info["total"])
