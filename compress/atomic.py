@@ -1,22 +1,74 @@
-"""Nothing half-written under a final name: write to a temporary name in the same folder, then rename."""
+"""Nothing half-written under a final name: write to a temporary name in the same folder, then rename.
+
+A write that fails because of where it goes (a full disk, a quota, a read-only or forbidden folder)
+is the user's to fix, not a bug: it becomes an `OutputError` naming the final file.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from compress.errors import OutputError
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_error(e: BaseException | None, path: str | Path) -> OutputError | None:
+    """An OutputError naming `path` when `e`, or an error it was raised from, is a storage failure.
+    (torch.save reports a failed write as a RuntimeError raised while handling the OSError.)"""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            return OutputError(f"{path}: cannot write it: {os.strerror(e.errno)}")
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Storage failures inside the block become an OutputError naming `path`."""
+    try:
+        yield
+    except Exception as e:
+        err = storage_error(e, path)
+        if err is None:
+            raise
+        raise err from None
 
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[str]:
-    """Yield a temporary path beside `final`; on success rename it to `final`, on error remove it."""
+    """Yield a temporary path beside `final`; on success rename it to `final`, on error remove it.
+    Write through a Python file object (`open(tmp, "wb")`) where a library takes one: a full disk
+    then names its cause."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        yield str(tmp)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with writing(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        try:
+            yield str(tmp)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def reserve(path: str | Path, nbytes: int, final: str | Path | None = None) -> None:
+    """Allocate `nbytes` of disk to the file at `path` now (a memory map written past a full disk kills
+    the process with SIGBUS instead of raising). A full disk is an OutputError naming `final`."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        except OSError as e:
+            if e.errno not in STORAGE_ERRNOS:
+                return  # EOPNOTSUPP, EINVAL, ...: a filesystem that cannot reserve; writes go unreserved
+            free = shutil.disk_usage(Path(path).parent).free
+            raise OutputError(f"{final or path}: cannot write it: {os.strerror(e.errno)} (needs "
+                              f"{nbytes / 1e6:,.1f} MB; {free / 1e6:,.1f} MB free there)") from None

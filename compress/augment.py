@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.atomic import atomic_path
+from compress.atomic import atomic_path, reserve
 from compress.errors import ConfigError
 
 METHODS = ("munge", "noise", "mixup")
@@ -74,6 +74,7 @@ def generate(x: np.ndarray, method: str, factor: int, path: str | Path, seed: in
         nn_idx = NearestNeighbors(n_neighbors=2).fit(z).kneighbors(z, return_distance=False)[:, 1]
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, *x.shape[1:]))
+        reserve(tmp, Path(tmp).stat().st_size, final=path)
         view = out.reshape(total, -1)
         for start in range(0, total, _ROWS):
             stop = min(total, start + _ROWS)

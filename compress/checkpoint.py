@@ -18,8 +18,8 @@ from compress.errors import ConfigError
 def save(path: str | Path, state: dict[str, Any]) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk raises OSError
+        torch.save(state, f)
 
 
 def load(path: str | Path, run: dict[str, Any]) -> dict[str, Any] | None:

@@ -20,6 +20,10 @@ class ConfigError(CompressError):
     """An option value that makes no sense (a width of 0, a rank larger than the input, ...)."""
 
 
+class OutputError(CompressError):
+    """An output that cannot be written where it was asked for: a full disk, a quota, no permission."""
+
+
 class ExportError(CompressError):
     """An exported model that failed validation; `failures` lists every failing check."""
 

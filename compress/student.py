@@ -108,8 +108,8 @@ def save_student(model: torch.nn.Module, cfg: StudentConfig, path: str, meta: di
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     if check_inputs is not None:
         payload["check_inputs"] = torch.as_tensor(check_inputs, dtype=torch.float32)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk raises OSError
+        torch.save(payload, f)
 
 
 def load_student(path: str) -> tuple[torch.nn.Sequential, StudentConfig, dict[str, Any]]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.atomic import atomic_path
+from compress.atomic import atomic_path, reserve, writing
 from compress.teachers import Progress, Teacher
 
 CHUNK_ROWS = 16_384  # rows per chunk, rounded up to whole teacher batches
@@ -106,7 +106,14 @@ def _resume(partial: Path, state_path: Path, key: Any, shape: tuple[int, int]) -
                 return np.lib.format.open_memmap(partial, mode="r+"), int(state["done"])
         except (OSError, ValueError, KeyError):
             pass
-    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+    final = partial.with_name(partial.name[1 : -len(".partial")])
+    try:
+        with writing(final):
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+        reserve(partial, partial.stat().st_size, final=final)  # a full disk now, not a SIGBUS later
+    except BaseException:
+        partial.unlink(missing_ok=True)  # nothing labelled yet
+        raise
     _write_json(state_path, {"key": key, "shape": list(shape), "done": 0})
     return out, 0
 

@@ -113,3 +113,47 @@ def test_help_is_fast_and_does_not_import_torch():
     done = subprocess.run([sys.executable, "-m", "compress", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "distill" in done.stdout
     assert time.perf_counter() - t < 2.0
+
+
+def _with_file_size_limit(limit):
+    """preexec_fn: files this process writes may not pass `limit` bytes (writes past it fail with
+    EFBIG, as on a full disk: the same path through the code, without root or a small filesystem)."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE semantics are Linux's")
+@pytest.mark.parametrize("stage", ["targets", "checkpoint", "export"])
+def test_a_write_that_does_not_fit_is_one_line_and_leaves_nothing(tmp_path, digits_files, stage):
+    """A full disk (here: a file size limit) while labelling, checkpointing or exporting: exit 2 and
+    one line naming the file, no traceback, and no partial, temporary or final file left behind.
+    Before, labelling died of SIGBUS (exit 135, no message) and the others printed a traceback."""
+    from pathlib import Path
+
+    f, out, z = digits_files, tmp_path / "out", tmp_path / "z.npy"
+    np.save(z, np.random.default_rng(0).standard_normal((len(np.load(f["x"])), 10), dtype=np.float32))
+    fit = ["fit", "--data", str(f["x"]), "--targets", str(z), "--width", "1k", "--rank", "16",
+           "--epochs", "1"]
+    if stage == "targets":  # the digits' logits: ~57 KB of float32
+        args, limit, named = ["targets", str(f["teacher"]), "--data", str(f["x"]), "--out",
+                              str(out / "z.npy")], 20_000, out / "z.npy"
+    elif stage == "checkpoint":  # a 1k-wide student's weights and both Adam moments: ~0.5 MB
+        args, limit, named = [*fit, "--out", str(out)], 300_000, out / "checkpoint.pt"
+    else:  # a student made without the limit (~0.2 MB of ONNX), exported under it
+        made = CliRunner().invoke(cli, [*fit, "--out", str(tmp_path / "made")])
+        assert made.exit_code == 0, made.output
+        args, limit, named = ["export", str(tmp_path / "made" / "student.pt"), "--out",
+                              str(out / "s.onnx")], 30_000, out / "s.onnx"
+    r = subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True,
+                       preexec_fn=_with_file_size_limit(limit), timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"Error: {named}: cannot write it: File too large")
+    assert "Traceback" not in r.stderr
+    left = sorted(p.name for p in Path(out).rglob("*")) if out.exists() else []
+    assert left == [], left

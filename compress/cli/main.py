@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from compress.atomic import STORAGE_ERRNOS
 from compress.cli.options import (
     RankType,
     SizeType,
@@ -54,6 +55,11 @@ class OneLineErrors(click.Group):
             sys.exit(2)
         except CompressError as e:
             click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+        except OSError as e:  # a write the library did not name: still the user's disk, not our bug
+            if e.errno not in STORAGE_ERRNOS:
+                raise
+            click.echo(f"Error: {e.filename or 'writing'}: {e.strerror}", err=True)
             sys.exit(2)
         sys.exit(rv if isinstance(rv, int) else 0)
 

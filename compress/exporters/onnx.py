@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from compress.atomic import writing
 from compress.errors import ExportError
 from compress.student import StudentConfig
 
@@ -243,12 +244,13 @@ def write_checked(write: Callable[[Path], None], path: str | Path, check: Callab
     it passes move it to `path` (its weight files first, the model last); weight files of the model
     that was at `path` before, and not reused by name, are removed after. Returns `check`'s result."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmpdir.mkdir(exist_ok=True)
     try:
-        tmp = tmpdir / path.name
-        write(tmp)
+        with writing(path):  # a full disk or a forbidden folder: one line naming `path`
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmpdir.mkdir(exist_ok=True)
+            tmp = tmpdir / path.name
+            write(tmp)
         result = check(str(tmp))
         old, new = external_files(path), external_files(tmp)
         for f in new:
