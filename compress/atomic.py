@@ -72,3 +72,44 @@ def reserve(path: str | Path, nbytes: int, final: str | Path | None = None) -> N
             free = shutil.disk_usage(Path(path).parent).free
             raise OutputError(f"{final or path}: cannot write it: {os.strerror(e.errno)} (needs "
                               f"{nbytes / 1e6:,.1f} MB; {free / 1e6:,.1f} MB free there)") from None
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | Path, what: str) -> Iterator[None]:
+    """Hold the lock file `lock` for the block: a second compress run on the same output fails at once
+    with an OutputError naming `what` and the holder's pid, instead of interleaving its writes. The
+    lock (an advisory flock) goes with the process however it ends; the file is removed on the way out.
+    A run that locked a file just removed by the holder sees that it is not at `lock` any more and
+    takes the one there now, so two runs never both hold it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        yield
+        return
+    lock = Path(lock)
+    with writing(lock):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        with writing(lock):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputError(f"{what}: another compress run (pid {holder}) is writing there; wait for "
+                              "it to finish, or choose another") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed it between our open and our lock: try the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # before the unlock: whoever waits on this file then sees it gone
+        os.close(fd)

@@ -30,6 +30,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_rank0() -> bool:
+    """Whether this process is rank 0 (or not under torchrun), before init()."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init() -> World:
     size = world_size()
     if size <= 1:

@@ -6,6 +6,7 @@ in a second, and never leaves a `student.onnx` behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from compress import data as data_mod
-from compress.atomic import atomic_path
+from compress.atomic import atomic_path, exclusive
 from compress.errors import ConfigError, DataError, TeacherError
 from compress.fit import FitConfig
 from compress.student import StudentConfig, count_params
@@ -28,6 +29,7 @@ StageProgress = Callable[[str, dict[str, Any]], None]  # (stage, details)
 HOLDOUT_FRACTION = 0.1  # of the transfer data, for validation and (without --eval-data) the report
 HOLDOUT_MAX = 10_000
 MIN_TRANSFER = 10
+LOCK = ".compress.lock"  # in --out: held by the run writing there
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,14 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
     and trains its share; rank 0 alone writes files and returns the report (the others None).
     With `opts.resume`, a run that already finished in `opts.out_dir` with the same inputs and options
     (`run_record`) is not run again: its report comes back, with "reused": true (not in the file)."""
+    with contextlib.ExitStack() as held:
+        return _distill(teachers, data, opts, eval_data, eval_labels, progress, held)
+
+
+def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
+             eval_data: str | Path | None, eval_labels: str | Path | None,
+             progress: StageProgress | None, held: contextlib.ExitStack) -> dict[str, Any] | None:
+    """distill(); `held` keeps the output folder's lock until the caller's block ends."""
     from compress import distributed
     from compress import evaluate as ev
     from compress.exporters.onnx import export_onnx
@@ -200,6 +210,8 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    if distributed.is_rank0():  # the rank that writes; a second run on this folder fails here
+        held.enter_context(exclusive(out / LOCK, f"--out {out}"))
 
     key = cache_key(list(teachers), data, sig.output_name, x.shape[0])
     record = run_record(opts, key, eval_data, eval_labels, cfg)
@@ -327,11 +339,6 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
     teacher needed. Writes student.pt, student.onnx (input and output named as given) and report.json
     with the training and export sections and the fit on the held-out 10% of the data."""
     from compress import distributed
-    from compress import evaluate as ev
-    from compress.exporters.onnx import export_onnx
-    from compress.fit import fit
-    from compress.student import save_student
-    from compress.teachers import Signature
 
     def say(stage: str, **info: Any) -> None:
         if progress:
@@ -347,7 +354,25 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
     train_idx, val_idx = holdout_split(len(x), opts.fit.seed)
     cfg = student_config(tuple(int(v) for v in x.shape[1:]), z.shape[1], opts.width, opts.rank)
     out = Path(opts.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    with exclusive(out / LOCK, f"--out {out}") if distributed.is_rank0() else contextlib.nullcontext():
+        return _fit_targets(x, z, train_idx, val_idx, cfg, out, opts, input_name, output_name, say)
+
+
+def _fit_targets(x: np.ndarray, z: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+                 cfg: StudentConfig, out: Path, opts: DistillOptions, input_name: str, output_name: str,
+                 say: Callable[..., None]) -> dict[str, Any] | None:
+    """fit_targets() once its inputs are read and its folder is locked."""
+    from compress import distributed
+    from compress import evaluate as ev
+    from compress.exporters.onnx import export_onnx
+    from compress.fit import fit
+    from compress.student import save_student
+    from compress.teachers import Signature
+
     world = distributed.init()
     result = fit(data_mod.Rows(x, train_idx), data_mod.Rows(z, train_idx), x[val_idx], z[val_idx], cfg,
                  opts.fit, lambda info: say("fit", **info), checkpoint=str(out / "checkpoint.pt"),

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from compress.atomic import atomic_path
+from compress.atomic import atomic_path, exclusive
 from compress.errors import ConfigError
-from compress.pipeline import DistillOptions, distill, holdout_split, student_config
+from compress.pipeline import LOCK, DistillOptions, distill, holdout_split, student_config
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -76,10 +76,22 @@ def sweep(teachers: list[str | Path], data: str | Path, widths: list[int], ranks
     With `opts.resume`, students that finished with the same inputs and options are kept (their rows
     say "reused"), the one that was interrupted continues from its checkpoint, and trained-on-labels
     rows are kept likewise (out_dir/labels_w<width>.json)."""
-    from compress import data as data_mod
 
     if not widths or not ranks:
         raise ConfigError("--widths/--ranks: give at least one of each")
+    out = Path(opts.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    with exclusive(out / LOCK, f"--out {out}"):  # the students' folders and their shared logit cache
+        return _sweep(teachers, data, widths, ranks, opts, eval_data, eval_labels, train_labels, progress)
+
+
+def _sweep(teachers: list[str | Path], data: str | Path, widths: list[int], ranks: list[int],
+           opts: DistillOptions, eval_data: str | Path | None, eval_labels: str | Path | None,
+           train_labels: str | Path | None, progress: Progress | None) -> dict[str, Any]:
+    """sweep(), with its folder locked."""
+    from compress import data as data_mod
+
     out = Path(opts.out_dir)
     rows: list[dict[str, Any]] = []
     teacher: dict[str, Any] = {}

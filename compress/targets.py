@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.atomic import atomic_path, reserve, writing
+from compress.atomic import atomic_path, exclusive, reserve, writing
 from compress.teachers import Progress, Teacher
 
 CHUNK_ROWS = 16_384  # rows per chunk, rounded up to whole teacher batches
@@ -123,7 +123,12 @@ def compute_targets(teacher: Teacher, x: Any, path: str | Path, key: dict[str, A
     """Run the teacher over x (an array, memory map or `Shards`) chunk by chunk into `path`,
     resuming an interrupted run with the same key; returns the logits memory-mapped."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(path.with_name(f".{path.name}.lock"), str(path)):  # one labelling run per cache
+        return _compute_targets(teacher, x, path, key, batch_size, progress)
+
+
+def _compute_targets(teacher: Teacher, x: Any, path: Path, key: dict[str, Any] | None, batch_size: int,
+                     progress: Progress | None) -> np.ndarray:
     first = teacher.logits(np.asarray(x[0:1], dtype=np.float32))  # class count; fixes the output kind
     n, c = len(x), first.shape[1]
     partial, state_path = _partial(path)

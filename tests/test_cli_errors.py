@@ -155,5 +155,55 @@ def test_a_write_that_does_not_fit_is_one_line_and_leaves_nothing(tmp_path, digi
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"Error: {named}: cannot write it: File too large")
     assert "Traceback" not in r.stderr
-    left = sorted(p.name for p in Path(out).rglob("*")) if out.exists() else []
+    left = sorted(p.name for p in Path(out).rglob("*"))
     assert left == [], left
+
+
+def test_a_second_run_on_a_busy_folder_is_refused(tmp_path, digits_files):
+    """While one run holds --out (or a logit cache), distill, fit, sweep and targets on it fail at
+    once with one line naming it and the holder's pid; once it is released they run."""
+    import os
+
+    from compress.atomic import exclusive
+    from compress.pipeline import LOCK
+
+    f, out = digits_files, tmp_path / "out"
+    distill = ["distill", str(f["teacher"]), "--data", str(f["x"]), "--width", "64", "--rank", "0",
+               "--epochs", "1", "--bench-seconds", "0.02", "--out", str(out)]
+    with exclusive(out / LOCK, "the first run"):
+        for args in (distill, ["sweep", *distill[1:4], "--widths", "64", "--ranks", "0", "--out", str(out)],
+                     ["fit", "--data", str(f["x"]), "--targets", str(f["x"]), "--out", str(out)]):
+            r = CliRunner().invoke(cli, args)
+            assert_one_line_error(r, out, f"--out {out}: another compress run (pid {os.getpid()})")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]  # nothing labelled, nothing written
+    z = tmp_path / "z.npy"
+    with exclusive(tmp_path / ".z.npy.lock", "the first run"):
+        r = CliRunner().invoke(cli, ["targets", str(f["teacher"]), "--data", str(f["x"]), "--out", str(z)])
+        assert_one_line_error(r, out, f"{z}: another compress run")
+    assert CliRunner().invoke(cli, distill).exit_code == 0
+    assert CliRunner().invoke(cli, ["targets", str(f["teacher"]), "--data", str(f["x"]), "--out",
+                                    str(z)]).exit_code == 0
+    assert not list(tmp_path.rglob("*.lock"))  # each run removed its lock on the way out
+
+
+def test_a_lock_removed_by_its_holder_before_we_hold_it_is_taken_afresh(tmp_path, monkeypatch):
+    """The holder removes its lock file as it leaves: a run that opened the old file just before then
+    must not keep that orphan (a third run would lock the new file beside it) but lock the new one."""
+    import fcntl
+    import os
+
+    from compress.atomic import exclusive
+
+    lock, real, calls = tmp_path / ".x.lock", fcntl.flock, []
+
+    def flock(fd, op):
+        if not calls:
+            lock.unlink()  # the holder left between our open() and our flock()
+        calls.append(fd)
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with exclusive(lock, "x"):
+        assert len(calls) == 2 and lock.read_text() == f"{os.getpid()}\n"
+        assert os.stat(lock).st_ino == os.fstat(calls[1]).st_ino
+    assert not lock.exists()
