@@ -12,6 +12,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from compress.errors import OutputError
 
@@ -58,19 +59,34 @@ def atomic_path(final: str | Path) -> Iterator[str]:
                 tmp.unlink()
 
 
-def reserve(path: str | Path, nbytes: int, final: str | Path | None = None) -> None:
-    """Allocate `nbytes` of disk to the file at `path` now (a memory map written past a full disk kills
-    the process with SIGBUS instead of raising). A full disk is an OutputError naming `final`."""
+def new_memmap(path: str | Path, shape: tuple[int, ...], final: str | Path) -> Any:
+    """A new float32 `.npy` memory map at `path` with its disk allocated now: a map written past a full
+    disk kills the process with SIGBUS instead of raising. A disk too small for it is an OutputError
+    naming `final` (the file it becomes), and leaves no file at `path`."""
+    import numpy as np
+
+    try:
+        with writing(final):
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        _allocate(Path(path), final)
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _allocate(path: Path, final: str | Path) -> None:
     if not hasattr(os, "posix_fallocate"):  # macOS, Windows
         return
+    nbytes = path.stat().st_size
     with open(path, "r+b") as f:
         try:
             os.posix_fallocate(f.fileno(), 0, nbytes)
         except OSError as e:
             if e.errno not in STORAGE_ERRNOS:
                 return  # EOPNOTSUPP, EINVAL, ...: a filesystem that cannot reserve; writes go unreserved
-            free = shutil.disk_usage(Path(path).parent).free
-            raise OutputError(f"{final or path}: cannot write it: {os.strerror(e.errno)} (needs "
+            free = shutil.disk_usage(path.parent).free
+            raise OutputError(f"{final}: cannot write it: {os.strerror(e.errno)} (needs "
                               f"{nbytes / 1e6:,.1f} MB; {free / 1e6:,.1f} MB free there)") from None
 
 

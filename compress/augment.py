@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.atomic import atomic_path, reserve
+from compress.atomic import atomic_path, new_memmap
 from compress.errors import ConfigError
 
 METHODS = ("munge", "noise", "mixup")
@@ -73,8 +73,7 @@ def generate(x: np.ndarray, method: str, factor: int, path: str | Path, seed: in
         z = (flat - flat.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
         nn_idx = NearestNeighbors(n_neighbors=2).fit(z).kneighbors(z, return_distance=False)[:, 1]
     with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, *x.shape[1:]))
-        reserve(tmp, Path(tmp).stat().st_size, final=path)
+        out = new_memmap(tmp, (total, *x.shape[1:]), final=path)
         view = out.reshape(total, -1)
         for start in range(0, total, _ROWS):
             stop = min(total, start + _ROWS)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.atomic import atomic_path, exclusive, reserve, writing
+from compress.atomic import atomic_path, exclusive, new_memmap
 from compress.teachers import Progress, Teacher
 
 CHUNK_ROWS = 16_384  # rows per chunk, rounded up to whole teacher batches
@@ -97,8 +97,10 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _resume(partial: Path, state_path: Path, key: Any, shape: tuple[int, int]) -> tuple[Any, int]:
-    """(memory map, rows already done): the partial file when it belongs to this run, else a new one."""
+def _resume(final: Path, key: Any, shape: tuple[int, int]) -> tuple[Any, int]:
+    """(memory map, rows already done): the partial file of the cache `final` when it belongs to this
+    run, else a new one."""
+    partial, state_path = _partial(final)
     if partial.exists() and state_path.exists():
         try:
             state = json.loads(state_path.read_text())
@@ -106,14 +108,7 @@ def _resume(partial: Path, state_path: Path, key: Any, shape: tuple[int, int]) -
                 return np.lib.format.open_memmap(partial, mode="r+"), int(state["done"])
         except (OSError, ValueError, KeyError):
             pass
-    final = partial.with_name(partial.name[1 : -len(".partial")])
-    try:
-        with writing(final):
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
-        reserve(partial, partial.stat().st_size, final=final)  # a full disk now, not a SIGBUS later
-    except BaseException:
-        partial.unlink(missing_ok=True)  # nothing labelled yet
-        raise
+    out = new_memmap(partial, shape, final)  # a full disk says so now, not with a SIGBUS later
     _write_json(state_path, {"key": key, "shape": list(shape), "done": 0})
     return out, 0
 
@@ -132,7 +127,7 @@ def _compute_targets(teacher: Teacher, x: Any, path: Path, key: dict[str, Any] |
     first = teacher.logits(np.asarray(x[0:1], dtype=np.float32))  # class count; fixes the output kind
     n, c = len(x), first.shape[1]
     partial, state_path = _partial(path)
-    out, done = _resume(partial, state_path, key, (n, c))
+    out, done = _resume(path, key, (n, c))
     step = teacher.signature.batch or batch_size
     chunk = step * max(1, -(-CHUNK_ROWS // step))  # whole batches, so padding only ever ends the data
     starts = list(range(done, n, chunk))

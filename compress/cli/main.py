@@ -92,18 +92,23 @@ def _newer(path: Path, started: float) -> bool:
         return False
 
 
+def labelled_hint(cache: Path, started: float) -> str | None:
+    """Ctrl-C while labelling into `cache`: how many rows this run has kept for the next one."""
+    from compress.targets import labelled_so_far
+
+    so_far = labelled_so_far(cache, started)
+    return so_far and f"{so_far[0]:,} of {so_far[1]:,} rows are labelled; the same command continues"
+
+
 def resume_hint(out_dir: Path, cache: Path | None = None) -> contextlib.AbstractContextManager[None]:
     """Ctrl-C after this run saved a checkpoint: say that --resume continues from it; before that,
     while labelling into `cache`, how many rows are labelled (the next run starts from them)."""
-    from compress.targets import labelled_so_far
-
     ck = out_dir / "checkpoint.pt"
 
     def hint(started: float) -> str | None:
         if _newer(ck, started):
             return f"the same command with --resume continues from {ck}"
-        so_far = labelled_so_far(cache, started) if cache is not None else None
-        return so_far and f"{so_far[0]:,} of {so_far[1]:,} rows are labelled; the same command continues"
+        return labelled_hint(cache, started) if cache is not None else None
 
     return on_interrupt(hint)
 
@@ -190,7 +195,7 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
     """Label the transfer data with the teacher's logits, once, into a .npy file."""
     from compress import data as data_mod
     from compress import distributed
-    from compress.targets import cache_key, compute_targets, compute_targets_distributed, labelled_so_far
+    from compress.targets import cache_key, compute_targets, compute_targets_distributed
     from compress.teachers import load_teacher
 
     if out_path.suffix != ".npy":
@@ -206,11 +211,7 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
         if not world.main:
             return
     else:
-        def hint(started: float) -> str | None:
-            so_far = labelled_so_far(out_path, started)
-            return so_far and f"{so_far[0]:,} of {so_far[1]:,} rows are labelled; the same command continues"
-
-        with on_interrupt(hint), ProgressView() as view:
+        with on_interrupt(lambda started: labelled_hint(out_path, started)), ProgressView() as view:
             z = compute_targets(teacher, x, out_path, key_, batch_size,
                                 lambda done, n: view.update("targets", {"done": done, "total": n}))
     click.echo(f"{out_path}: {z.shape[0]} x {z.shape[1]} logits ({teacher.output_kind})")
@@ -260,14 +261,11 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
     done = {"done": 0, "total": len(ws) * len(rs) + (len(ws) if train_labels else 0)}
 
     def hint(started: float) -> str | None:
-        from compress.targets import labelled_so_far
-
         saved = done["done"] or any(_newer(ck, started) for ck in out_dir.glob("w*_k*/checkpoint.pt"))
         if saved:
             return (f"{done['done']} of {done['total']} students are finished; the same command with "
                     "--resume keeps them and continues")
-        so_far = labelled_so_far(out_dir / "targets.npy", started)
-        return so_far and f"{so_far[0]:,} of {so_far[1]:,} rows are labelled; the same command continues"
+        return labelled_hint(out_dir / "targets.npy", started)
 
     with on_interrupt(hint), ProgressView() as view:
         def update(stage: str, info: dict[str, Any]) -> None:
