@@ -50,22 +50,20 @@ def test_ctrl_c_then_resume_keeps_the_finished_students(tmp_path, digits_files):
     import signal
     import subprocess
     import sys
-    import time
+
+    from tests.test_distill import wait_for
 
     f = digits_files
     out = tmp_path / "sweep"
     args = ["sweep", str(f["teacher"]), "--data", str(f["x"]), "--eval-data", str(f["x_test"]),
             "--eval-labels", str(f["y_test"]), "--train-labels", str(f["y"]), "--widths", "64,4k",
             "--ranks", "0", "--epochs", "20", "--bench-seconds", "0.02", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "compress", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    first = out / "w64_k0" / "report.json"
-    deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    ready = tmp_path / "ready"  # the first student is finished, and the sweep waits (tests/hooks.py)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.hooks", "compress.sweep:distill", "1", str(ready),
+                             "--", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(ready, proc)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=10)
+    _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == ("Interrupted: 1 of 4 students are finished; the same "
                                                "command with --resume keeps them and continues")

@@ -261,9 +261,12 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
     done = {"done": 0, "total": len(ws) * len(rs) + (len(ws) if train_labels else 0)}
 
     def hint(started: float) -> str | None:
-        saved = done["done"] or any(_newer(ck, started) for ck in out_dir.glob("w*_k*/checkpoint.pt"))
-        if saved:
-            return (f"{done['done']} of {done['total']} students are finished; the same command with "
+        # A student's report may be on disk before its progress event arrives: count both ways
+        finished = sum(_newer(p, started) for p in [*out_dir.glob("w*_k*/report.json"),
+                                                     *out_dir.glob("labels_w*.json")])
+        n = max(done["done"], finished)
+        if n or any(_newer(ck, started) for ck in out_dir.glob("w*_k*/checkpoint.pt")):
+            return (f"{n} of {done['total']} students are finished; the same command with "
                     "--resume keeps them and continues")
         return labelled_hint(out_dir / "targets.npy", started)
 
