@@ -1,9 +1,9 @@
 """A teacher for tests that must stop a labelling run at a known point, without racing a clock.
 
 `--arch tests.gated_teacher:make` builds a fixed linear classifier over 64 features. With
-GATE_AFTER_ROWS=N in the environment, the call that brings it to N rows takes longer than the cache's
+GATE_AFTER_ROWS=N in the environment, the call that brings it to N rows (one-row probes not counted) takes longer than the cache's
 commit interval (so the chunk it ends is committed: sleep never returns early), and any call after
-that blocks until the process is killed.
+that blocks until the process is killed. Under torchrun, GATE_RANK=R gates rank R alone.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ class Gated(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 64) -> (N, 10)
         gate = int(os.environ.get("GATE_AFTER_ROWS", "0"))
+        if os.environ.get("GATE_RANK", os.environ.get("RANK")) != os.environ.get("RANK"):
+            gate = 0  # torchrun: only the rank named by GATE_RANK stops
+        if x.shape[0] == 1:  # a probe for the class count (their number varies by command)
+            return self.linear(x)
         if gate and self.seen >= gate:
             while True:  # the test kills the process here
                 time.sleep(1)

@@ -204,7 +204,7 @@ def test_ctrl_c_during_labelling_says_how_far_it_got(tmp_path, command):
     proc = subprocess.Popen([sys.executable, "-m", "compress", command, str(tmp_path / "t.pt"), "--arch",
                              "tests.gated_teacher:make", "--data", str(tmp_path / "x.npy"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "GATE_AFTER_ROWS": str(CHUNK_ROWS + 1)})
+                            env={**os.environ, "GATE_AFTER_ROWS": str(CHUNK_ROWS)})
     wait_for(progress, proc, lambda p: json.loads(p.read_text())["done"] > 0)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)

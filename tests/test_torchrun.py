@@ -83,33 +83,48 @@ def kill_tree(pid: int) -> None:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
-def test_killed_distributed_labelling_resumes(tmp_path, digits_files):
+@pytest.mark.parametrize("gated", ["both", "rank0"])
+def test_killed_distributed_labelling_resumes(tmp_path, gated):
     """Each rank's shard is a resumable cache: kill -9 the whole torchrun, run it again, and the rows
     labelled before the kill are kept (a planted value survives), the rest computed, nothing left over.
-    A rank that finished its shard before the kill has it read back instead."""
-    x = np.tile(np.load(digits_files["x"]), (450, 1))  # 540,000 digit images: seconds per rank
-    np.save(tmp_path / "x.npy", x)
-    args = ["targets", str(digits_files["teacher"]), "--data", str(tmp_path / "x.npy"), "--batch-size", "32"]
-    out = tmp_path / "z.npy"
-    shards = [(0, 270_000), (270_000, 540_000)]
-    finished = {a: tmp_path / f".z.npy.shard-{a}-{b}.npy" for a, b in shards}
-    partial = {a: tmp_path / f"..z.npy.shard-{a}-{b}.npy.partial" for a, b in shards}
+    With rank 1 let through, its shard is finished before the kill and is read back. The teacher (tests/gated_teacher.py) stops each rank after its first committed chunk: no race."""
+    import torch
 
-    def labelling(a: int, b: int) -> bool:  # rows committed, or the whole shard done
+    from compress.targets import CHUNK_ROWS
+    from tests.gated_teacher import make
+
+    n = 4 * CHUNK_ROWS
+    x = np.random.default_rng(0).standard_normal((n, 64), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    torch.save(make().state_dict(), tmp_path / "t.pt")
+    args = ["targets", str(tmp_path / "t.pt"), "--arch", "tests.gated_teacher:make", "--data",
+            str(tmp_path / "x.npy")]
+    out = tmp_path / "z.npy"
+    shards = [(0, n // 2), (n // 2, n)]
+    partial = {a: tmp_path / f"..z.npy.shard-{a}-{b}.npy.partial" for a, b in shards}
+    finished = {a: tmp_path / f".z.npy.shard-{a}-{b}.npy" for a, b in shards}
+    env = {**os.environ, "GATE_AFTER_ROWS": str(CHUNK_ROWS)}
+    if gated == "rank0":
+        env["GATE_RANK"] = "0"
+
+    def committed(a: int, b: int) -> bool:  # rows committed, or (rank 1 let through) the whole shard
+        if gated == "rank0" and a > 0:
+            return finished[a].exists()
         state = tmp_path / f"..z.npy.shard-{a}-{b}.npy.progress.json"
         try:
-            return finished[a].exists() or json.loads(state.read_text())["done"] > 0
+            return json.loads(state.read_text())["done"] > 0
         except (OSError, ValueError):
             return False
 
     proc = subprocess.Popen([*TORCHRUN, *args, "--out", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not all(labelling(*s) for s in shards):
-        time.sleep(0.005)
+                            stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300  # a hang guard only: no rank can pass its gate
+    while time.monotonic() < deadline and proc.poll() is None and not all(committed(*s) for s in shards):
+        time.sleep(0.01)
+    assert proc.poll() is None and all(committed(*s) for s in shards)
     kill_tree(proc.pid)  # torchrun starts its workers in sessions of their own
     proc.wait()
-    assert not out.exists(), "the run ended before it could be killed"
+    assert not out.exists()
     firsts = [a for a, _ in shards]
     for a in firsts:  # plant a value in row 0 of each shard, labelled already
         m = np.load(finished[a] if finished[a].exists() else partial[a], mmap_mode="r+")
@@ -118,7 +133,8 @@ def test_killed_distributed_labelling_resumes(tmp_path, digits_files):
         del m
     done = subprocess.run([*TORCHRUN, *args, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    z, full = np.load(out), load_teacher([digits_files["teacher"]]).logits(x, 8192)
+    z = np.load(out)
+    full = load_teacher([tmp_path / "t.pt"], arch="tests.gated_teacher:make").logits(x, 8192)
     assert (z[firsts] == 12345.0).all()  # kept, not labelled again
     keep = np.ones(len(z), bool)
     keep[firsts] = False

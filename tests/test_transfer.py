@@ -117,7 +117,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
             "tests.gated_teacher:make", "--data", str(tmp_path / "x.npy"), "--batch-size", "1024"]
     subprocess.run([*args, "--out", str(tmp_path / "full.npy")], check=True, capture_output=True)
     out, state = tmp_path / "z.npy", tmp_path / ".z.npy.progress.json"
-    env = {**os.environ, "GATE_AFTER_ROWS": str(chunk + 1)}  # + 1: the probe row before the chunks
+    env = {**os.environ, "GATE_AFTER_ROWS": str(chunk)}
     proc = subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=env)
     done = 0
