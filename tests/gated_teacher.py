@@ -1,9 +1,10 @@
 """A teacher for tests that must stop a labelling run at a known point, without racing a clock.
 
 `--arch tests.gated_teacher:make` builds a fixed linear classifier over 64 features. With
-GATE_AFTER_ROWS=N in the environment, the call that brings it to N rows (one-row probes not counted) takes longer than the cache's
-commit interval (so the chunk it ends is committed: sleep never returns early), and any call after
-that blocks until the process is killed. Under torchrun, GATE_RANK=R gates rank R alone.
+GATE_AFTER_ROWS=N in the environment, the call that brings it to N rows (one-row probes not
+counted) takes longer than the cache's commit interval (so the chunk it ends is committed: sleep
+never returns early), and any call after that blocks until the process is killed. Under torchrun,
+GATE_RANK=R gates rank R alone.
 """
 
 from __future__ import annotations

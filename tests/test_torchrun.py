@@ -87,7 +87,8 @@ def kill_tree(pid: int) -> None:
 def test_killed_distributed_labelling_resumes(tmp_path, gated):
     """Each rank's shard is a resumable cache: kill -9 the whole torchrun, run it again, and the rows
     labelled before the kill are kept (a planted value survives), the rest computed, nothing left over.
-    With rank 1 let through, its shard is finished before the kill and is read back. The teacher (tests/gated_teacher.py) stops each rank after its first committed chunk: no race."""
+    With rank 1 let through, its shard is finished before the kill and is read back. The teacher
+    (tests/gated_teacher.py) stops each gated rank after its first committed chunk: no race."""
     import torch
 
     from compress.targets import CHUNK_ROWS
