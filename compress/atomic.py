@@ -17,6 +17,10 @@ from typing import Any
 from compress.errors import OutputError
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+# inside a write to a path the user chose, these too are about that path: a file where a folder
+# should be, a folder that cannot be made (/proc/x), a name too long
+OUTPUT_ERRNOS = STORAGE_ERRNOS | {errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.EISDIR,
+                                  errno.ENAMETOOLONG, errno.EINVAL}
 
 
 def storage_error(e: BaseException | None, path: str | Path) -> OutputError | None:
@@ -24,8 +28,11 @@ def storage_error(e: BaseException | None, path: str | Path) -> OutputError | No
     (torch.save reports a failed write as a RuntimeError raised while handling the OSError.)"""
     seen = 0
     while e is not None and seen < 8:
-        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
-            return OutputError(f"{path}: cannot write it: {os.strerror(e.errno)}")
+        if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
+            why = os.strerror(e.errno)
+            if e.errno in (errno.EEXIST, errno.ENOTDIR):
+                why = "a file stands where its folder should be"
+            return OutputError(f"{path}: cannot write it: {why}")
         e, seen = e.__cause__ or e.__context__, seen + 1
     return None
 
@@ -129,3 +136,43 @@ def exclusive(lock: str | Path, what: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             lock.unlink()  # before the unlock: whoever waits on this file then sees it gone
         os.close(fd)
+
+
+def _files(path: Path) -> list[Path]:
+    """The files an input names: itself, or a folder's files (shard folders)."""
+    if path.is_dir():
+        return [p for p in sorted(path.iterdir()) if p.is_file()]
+    return [path] if path.exists() else []
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def refuse_overwrite(inputs: dict[str, str | Path | None | list[str | Path]],
+                     writes: list[tuple[str, str | Path, str]]) -> None:
+    """No output of a command may land on one of its inputs. `inputs`: option (or argument) -> the
+    file(s) it names; `writes`: (option, folder, glob pattern) for every name the command may write
+    there (temporary names included). An input that a write would replace, by resolved path or as
+    the same file under another name (a hard link), is a ConfigError naming both, before any work."""
+    import fnmatch
+
+    for label, value in inputs.items():
+        for given in value if isinstance(value, list) else [value]:
+            if given is None:
+                continue
+            for f in _files(Path(given)):
+                for out_label, folder, pattern in writes:
+                    folder = Path(folder)
+                    inside = _same(f.parent, folder) if folder.exists() else (
+                        f.parent.resolve() == folder.resolve())
+                    exact = folder / pattern
+                    if (inside and fnmatch.fnmatchcase(f.name, pattern)) or (
+                            not any(c in pattern for c in "*?[") and _same(f, exact)):
+                        where = given if Path(given) == f else f"{given} ({f.name})"
+                        raise OutputError(
+                            f"{out_label}: would write over {label} {where}; the inputs of a command "
+                            "are never replaced: choose another output name or folder")

@@ -94,6 +94,9 @@ def _check_file(path: Path, what: str) -> None:
         raise DataError(f"{what} {path}: file not found")
     if path.is_dir():
         raise DataError(f"{what} {path}: is a folder; expected .npy shards or one of {', '.join(FORMATS)}")
+    if not path.is_file():  # opening a FIFO blocks until a writer comes; a device never ends
+        raise DataError(f"{what} {path}: is not a regular file (a pipe, device or socket); save the "
+                        "data to a file first")
     if path.suffix.lower() not in FORMATS:
         raise DataError(f"{what} {path}: unsupported format '{path.suffix}'; use {', '.join(FORMATS)}")
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.atomic import atomic_path
+from compress.atomic import atomic_path, writing
 
 TEACHER = "mnist1d_cnn.onnx"
 TRANSFER_SEED = 1234  # any seed but 42 (the standard set's) gives fresh samples
@@ -45,7 +45,8 @@ class DemoFiles:
 def prepare(out_dir: str | Path, transfer: int) -> DemoFiles:
     """Write fresh transfer inputs (labels dropped) and the standard test set into out_dir/data."""
     folder = Path(out_dir) / "data"
-    folder.mkdir(parents=True, exist_ok=True)
+    with writing(folder):  # a file in the way, or a folder that cannot be made: one line
+        folder.mkdir(parents=True, exist_ok=True)
     files = DemoFiles(teacher_path(), folder / f"transfer_{transfer}.npy", folder / "test_x.npy",
                       folder / "test_y.npy")
     if not files.transfer.exists():

@@ -52,6 +52,8 @@ def describe_onnx(path: Path, output: str | None) -> dict[str, Any]:
 def describe_torch(path: Path, arch: str | None, trust_pickle: bool) -> dict[str, Any]:
     from compress.teachers.torch_teacher import TorchTeacher, file_kind
 
+    if path.is_dir():
+        raise TeacherError(f"MODEL {path}: is a folder, not a model file")
     kind = file_kind(path)
     info: dict[str, Any] = {"path": str(path), "format": {"torchscript": "torchscript",
                                                           "export": "torch.export program",
@@ -61,6 +63,8 @@ def describe_torch(path: Path, arch: str | None, trust_pickle: bool) -> dict[str
     try:
         t = TorchTeacher(path, arch=arch, trust_pickle=trust_pickle, device="cpu")
     except CompressError as e:
+        if kind == "unknown":  # not a model at all: exit 2, as for a file that is not ONNX
+            raise TeacherError(f"MODEL {path}: not an ONNX or PyTorch model file") from None
         info.update(usable=False, why=str(e), params=None, inputs=None, outputs=None, distill_uses=None)
         return info
     shape = t.signature.sample_shape

@@ -31,3 +31,7 @@ class ExportError(CompressError):
         self.failures = failures or []
         detail = "; ".join(self.failures)
         super().__init__(f"{message}: {detail}" if detail else message)
+
+
+class DivergedError(CompressError):
+    """Training whose loss turned NaN or infinite: nothing it made is kept as a student."""

@@ -74,6 +74,12 @@ def compare(teacher: Any, student: Any, x: np.ndarray, labels: np.ndarray | None
     """
     zt = teacher.logits(x) if teacher_logits is None else np.asarray(teacher_logits)
     zs = student.logits(x)
+    for who, model, z in (("TEACHER", teacher, zt), ("STUDENT", student, zs)):
+        if not np.isfinite(z).all():
+            from compress.errors import CompressError
+
+            raise CompressError(f"{who} {model.name}: gives NaN or inf scores on these inputs (values "
+                                "beyond float32's range, or a model that overflows); nothing to compare")
     if zs.shape != zt.shape:
         from compress.errors import CompressError
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from compress import checkpoint as ckpt
 from compress.data import Rows
-from compress.errors import ConfigError
+from compress.errors import ConfigError, DivergedError
 from compress.feed import Feed, activation_bytes, plan_cuda
 from compress.student import StudentConfig, build_student, count_params, flops_per_sample
 from compress.threads import torch_threads, training_threads
@@ -64,8 +64,10 @@ class FitConfig:
             raise ConfigError(f"--epochs: must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size: must be at least 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr: must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr: must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"--temperature: must be a positive number, got {self.temperature}")
         if self.loss not in ("l2", "kl", "ce"):
             raise ConfigError(f"--loss: must be l2, kl or ce, got {self.loss}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -168,6 +170,20 @@ def _fold(model: nn.Sequential, mu: np.ndarray, sd: np.ndarray, z_mean: np.ndarr
         out = model.out
         out.weight.mul_(z_scale)
         out.bias.copy_(out.bias.double() * z_scale + torch.from_numpy(z_mean).double())
+
+
+def _diverged(epoch: int, train_loss: float, val_loss: float, fit_cfg: FitConfig, checkpoint: str | None,
+              rank: int) -> str:
+    """The one line for a run whose loss stopped being a number."""
+    import os
+
+    kept = ""
+    if checkpoint and rank == 0 and epoch > 1 and os.path.exists(checkpoint):
+        kept = f"; {checkpoint} keeps the last finite epoch"
+    return (f"--lr: training diverged at epoch {epoch} (loss {train_loss:g}, held-out {val_loss:g}) "
+            f"with --lr {fit_cfg.lr:g}"
+            + (f" and --temperature {fit_cfg.temperature:g}" if fit_cfg.loss == "kl" else "")
+            + f"; no student was written{kept}. Try a lower --lr (default {FitConfig().lr:g})")
 
 
 def _moments(x: Any, d: int, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
@@ -397,6 +413,8 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
             else:
                 val_loss, agreement = evaluate()
             train_loss = float(running) / steps_per_epoch * (z_scale**2 if fit_cfg.loss == "l2" else 1)
+            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # before the checkpoint
+                raise DivergedError(_diverged(epoch, train_loss, val_loss, fit_cfg, checkpoint, rank))
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                             "agreement": agreement, "step_seconds": step_seconds,
                             "step_samples_per_second": (seen - epoch_seen) / step_seconds})

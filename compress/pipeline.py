@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from compress import data as data_mod
-from compress.atomic import atomic_path, exclusive
+from compress import jsonio
+from compress.atomic import atomic_path, exclusive, refuse_overwrite
 from compress.errors import ConfigError, DataError, TeacherError
 from compress.fit import FitConfig
 from compress.student import StudentConfig, count_params
@@ -30,6 +31,14 @@ HOLDOUT_FRACTION = 0.1  # of the transfer data, for validation and (without --ev
 HOLDOUT_MAX = 10_000
 MIN_TRANSFER = 10
 LOCK = ".compress.lock"  # in --out: held by the run writing there
+# every name distill may write in --out (temporary and hidden ones under ".*"), for refuse_overwrite
+DISTILL_WRITES = ("student*.onnx*", "student.pt", "report.*", "checkpoint.pt", "targets*.npy",
+                  "targets*.json", "augmented_*.npy", ".*")
+FIT_WRITES = ("student*.onnx*", "student.pt", "report.*", "checkpoint.pt", ".*")
+
+
+def out_writes(option: str, folder: str | Path, patterns: tuple[str, ...]) -> list[tuple[str, Path, str]]:
+    return [(f"{option} {folder}", Path(folder), p) for p in patterns]
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,49 @@ class DistillOptions:
     memory_budget: int | None = None  # bytes of training data held in memory; None: a quarter of RAM
     resume: bool = False  # keep a finished run of the same inputs and options; else continue its checkpoint
     cache_dir: str | None = None  # where the logit cache lives; None: out_dir (sweep shares one)
+
+
+def check_device(device: str) -> None:
+    """--device cuda on a machine where torch sees no GPU: refused before any teacher runs."""
+    if device == "cuda":
+        from compress.fit import resolve_device
+
+        resolve_device(device)
+
+
+def check_checkpoint(path: Path) -> None:
+    """--resume with a file at `path` that is not a checkpoint: refused before the teacher runs (its
+    run record is compared later, once the statistics it holds are known)."""
+    import torch
+
+    if not path.exists():
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ok = isinstance(state, dict) and isinstance(state.get("run"), dict) and "epoch" in state
+    except Exception:  # noqa: BLE001 - any unreadable file is the same answer
+        ok = False
+    if not ok:
+        raise ConfigError(f"--resume: {path} is not a readable checkpoint; delete it to start afresh")
+
+
+def check_memory(cfg: StudentConfig, fit: FitConfig, data_bytes: int, option: str = "--width") -> None:
+    """Refuse, before the teacher runs, a CPU fit that cannot fit in the memory this process may use
+    (compress.memory). A GPU fit plans its own memory (compress.feed.plan_cuda)."""
+    from compress.feed import activation_bytes
+    from compress.fit import resolve_device
+    from compress.memory import available_bytes, gib, training_bytes
+
+    if resolve_device(fit.device).type != "cpu":
+        return
+    need = training_bytes(count_params(cfg), fit.batch_size,
+                          activation_bytes(cfg.input_dim, cfg.rank, cfg.width, cfg.num_classes), data_bytes)
+    room = available_bytes()
+    if room is not None and need > room:
+        raise ConfigError(f"{option} {cfg.width:,}: training this student ({count_params(cfg):,} weights) "
+                          f"needs about {gib(need)} (weights, gradients, Adam moments, the best epoch's "
+                          f"copy, activations, data) but this process may use {gib(room)}; use a smaller "
+                          "--width or --rank")
 
 
 def default_rank(input_dim: int) -> int:
@@ -169,6 +221,10 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
             raise ConfigError(f"--precision: {p} is not one of {', '.join(PRECISIONS)}")
     if not 0.0 <= opts.min_agreement <= 1.0:
         raise ConfigError(f"--min-agreement: must be between 0 and 1, got {opts.min_agreement}")
+    if opts.quantize != "weights" and "int8" not in opts.precisions:
+        raise ConfigError(f"--quantize {opts.quantize}: applies to the int8 export; add --precision int8")
+    if opts.arch is not None and all(Path(t).suffix.lower() == ".onnx" for t in teachers):
+        raise ConfigError("--arch: applies to PyTorch state-dict teachers; the teachers here are ONNX files")
     from compress.augment import parse_augment
 
     augment = parse_augment(opts.augment)
@@ -178,6 +234,14 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     out = Path(opts.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
+    writes = out_writes("--out", out, DISTILL_WRITES)
+    if opts.cache_dir is not None:
+        writes += out_writes("--out", opts.cache_dir, DISTILL_WRITES)
+    refuse_overwrite({"TEACHER": list(teachers), "--data": data, "--eval-data": eval_data,
+                      "--eval-labels": eval_labels}, writes)
+    check_device(opts.fit.device)
+    if opts.resume:
+        check_checkpoint(out / "checkpoint.pt")
     teacher = load_teacher(list(teachers), output=opts.output, device=opts.fit.device, arch=opts.arch,
                            trust_pickle=opts.trust_pickle)
     sig = teacher.signature
@@ -201,6 +265,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
         raise ConfigError(f"--augment: the augmented training set ({len(x) * factor * row_bytes / 2**30:.1f} "
                           f"GiB) does not fit the memory budget ({budget / 2**30:.1f} GiB); use a smaller "
                           "factor, or no --augment with a transfer set this large")
+    check_memory(cfg, opts.fit, 0 if streamed else len(x) * factor * row_bytes)
     if not streamed:
         x = np.ascontiguousarray(x[0 : len(x)], dtype=np.float32)  # in memory: faster to train on
     if y_eval is not None and y_eval.max() >= cfg.num_classes:
@@ -326,7 +391,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     }
     checkpoint.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     plot = write_plot(report, out / "report.png")
-    _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    _write_text(out / "report.json", jsonio.dumps(report) + "\n")
     _write_text(out / "report.md", ev.render_markdown(report, plot))
     distributed.finish(world)
     return report
@@ -345,6 +410,15 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
             progress(stage, info)
 
     opts.fit.validate()
+    for option, name in (("--input-name", input_name), ("--output-name", output_name)):
+        if not name.strip() or name != name.strip():
+            raise ConfigError(f"{option}: '{name}' is not a usable ONNX name (empty, or spaces at an end)")
+    if input_name == output_name:
+        raise ConfigError(f"--output-name: '{output_name}' is also the input's name; ONNX needs two names")
+    refuse_overwrite({"--data": data, "--targets": targets}, out_writes("--out", opts.out_dir, FIT_WRITES))
+    check_device(opts.fit.device)
+    if opts.resume:
+        check_checkpoint(Path(opts.out_dir) / "checkpoint.pt")
     x = data_mod.load_inputs(data, None, what="--data", key=opts.key)
     z = np.asarray(data_mod.load_array(targets, what="--targets"), dtype=np.float32)
     if z.ndim != 2 or len(z) != len(x):
@@ -353,6 +427,7 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
     data_mod.check_finite(z, targets, what="--targets")
     train_idx, val_idx = holdout_split(len(x), opts.fit.seed)
     cfg = student_config(tuple(int(v) for v in x.shape[1:]), z.shape[1], opts.width, opts.rank)
+    check_memory(cfg, opts.fit, 0)  # the data is in memory already
     out = Path(opts.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -395,6 +470,6 @@ def _fit_targets(x: np.ndarray, z: np.ndarray, train_idx: np.ndarray, val_idx: n
         "export": {"path": str(Path(exp.path).resolve()), "max_abs_diff": exp.max_abs_diff},
         "train": {**result.report(), "samples": int(train_idx.size)},
     }
-    _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    _write_text(out / "report.json", jsonio.dumps(report) + "\n")
     distributed.finish(world)
     return report

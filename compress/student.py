@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000}
+FORMAT = "compress-student/1"  # student.pt's format tag; load_student reads this one only
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def save_student(model: torch.nn.Module, cfg: StudentConfig, path: str, meta: di
 
     from compress.atomic import atomic_path
 
-    payload = {"format": "compress-student/1", "config": cfg.to_dict(), "meta": meta,
+    payload = {"format": FORMAT, "config": cfg.to_dict(), "meta": meta,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     if check_inputs is not None:
         payload["check_inputs"] = torch.as_tensor(check_inputs, dtype=torch.float32)
@@ -117,18 +118,44 @@ def load_student(path: str) -> tuple[torch.nn.Sequential, StudentConfig, dict[st
     # No pickled code is ever executed: weights_only=True.
     import torch
 
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"STUDENT {path}: not a usable student.pt written by compress ({why})")
+
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = StudentConfig.from_dict(payload["config"])
     except FileNotFoundError:
         raise ConfigError(f"STUDENT {path}: file not found") from None
     except Exception as e:
-        raise ConfigError(f"STUDENT {path}: not a student.pt written by compress ({type(e).__name__})"
-                          ) from None
+        raise bad(type(e).__name__) from None
+    if not isinstance(payload, dict):
+        raise bad(f"holds {type(payload).__name__}")
+    if payload.get("format") != FORMAT:
+        raise bad(f"format {payload.get('format')!r}; this version reads {FORMAT!r}")
+    try:
+        cfg = StudentConfig.from_dict(payload["config"])
+        cfg.validate()
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
+        raise bad(f"config: {type(e).__name__} {e}") from None
     model = build_student(cfg)
-    model.load_state_dict(payload["state_dict"])
+    state = payload.get("state_dict")
+    if not isinstance(state, dict):
+        raise bad("no state_dict")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:
+        raise bad(f"weights: {str(e).splitlines()[0][:160]}") from None
     model.eval()
-    meta = dict(payload.get("meta", {}))
+    meta = dict(payload.get("meta", {})) if isinstance(payload.get("meta"), dict) else {}
+    sig = meta.get("signature")
+    needed = {"input_name": str, "sample_shape": (list, tuple), "input_dtype": str, "output_name": str}
+    if not isinstance(sig, dict) or any(not isinstance(sig.get(k), t) for k, t in needed.items()):
+        raise bad("no teacher signature (input and output names, shape, dtype)")
+    if list(sig["sample_shape"]) != list(cfg.sample_shape):
+        raise bad(f"signature shape {sig['sample_shape']} vs config {list(cfg.sample_shape)}")
     if "check_inputs" in payload:
-        meta["check_inputs"] = payload["check_inputs"].numpy()
+        check = payload["check_inputs"]
+        if not isinstance(check, torch.Tensor) or check.ndim < 1 or check.shape[0] == 0 or \
+                tuple(check.shape[1:]) not in (tuple(cfg.sample_shape), (cfg.input_dim,)):
+            raise bad("check_inputs are empty or not shaped like the student's input")
+        meta["check_inputs"] = check.numpy()
     return model, cfg, meta

@@ -15,9 +15,18 @@ from typing import Any
 
 import numpy as np
 
-from compress.atomic import atomic_path, exclusive
+from compress import jsonio
+from compress.atomic import atomic_path, exclusive, refuse_overwrite
 from compress.errors import ConfigError
-from compress.pipeline import LOCK, DistillOptions, distill, holdout_split, student_config
+from compress.pipeline import (
+    DISTILL_WRITES,
+    LOCK,
+    DistillOptions,
+    distill,
+    holdout_split,
+    out_writes,
+    student_config,
+)
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -82,8 +91,49 @@ def sweep(teachers: list[str | Path], data: str | Path, widths: list[int], ranks
     out = Path(opts.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
+    writes = out_writes("--out", out, (*DISTILL_WRITES, "sweep.*", "labels_w*.json"))
+    for w in widths:
+        for k in ranks:
+            writes += out_writes("--out", out / f"w{w}_k{k}", DISTILL_WRITES)
+    refuse_overwrite({"TEACHER": list(teachers), "--data": data, "--eval-data": eval_data,
+                      "--eval-labels": eval_labels, "--train-labels": train_labels}, writes)
+    _check_upfront(teachers, data, widths, ranks, opts, eval_data, eval_labels, train_labels)
     with exclusive(out / LOCK, f"--out {out}"):  # the students' folders and their shared logit cache
         return _sweep(teachers, data, widths, ranks, opts, eval_data, eval_labels, train_labels, progress)
+
+
+def _check_upfront(teachers: list[str | Path], data: str | Path, widths: list[int], ranks: list[int],
+                   opts: DistillOptions,
+                   eval_data: str | Path | None, eval_labels: str | Path | None,
+                   train_labels: str | Path | None) -> None:
+    """What would otherwise fail after the first student: ranks wider than the input, and
+    --train-labels that do not fit the data or the teacher's classes."""
+    from compress import data as data_mod
+    from compress.pipeline import check_device, check_memory
+    from compress.teachers import load_teacher
+
+    opts.fit.validate()
+    check_device(opts.fit.device)
+    if eval_labels is not None and eval_data is None:
+        raise ConfigError("--eval-labels: needs --eval-data (the inputs those labels belong to)")
+    teacher = load_teacher(list(teachers), output=opts.output, device="cpu", arch=opts.arch,
+                           trust_pickle=opts.trust_pickle)
+    x = data_mod.open_inputs(data, teacher.signature.sample_shape, what="--data", key=opts.key)
+    d = int(np.prod(x.shape[1:]))
+    for k in ranks:
+        if k > d:
+            raise ConfigError(f"--ranks: {k} is larger than the input size {d}; a bottleneck wider than "
+                              "its input saves nothing")
+    classes = teacher.logits(np.asarray(x[0:1], dtype=np.float32)).shape[1]
+    for w in widths:
+        for k in ranks:
+            check_memory(student_config(tuple(int(v) for v in x.shape[1:]), classes, w, k), opts.fit, 0,
+                         option="--widths")
+    if train_labels is not None:
+        y = data_mod.load_labels(train_labels, len(x), what="--train-labels", data_what="--data")
+        if int(y.max()) >= classes:
+            raise ConfigError(f"--train-labels {train_labels}: has class {int(y.max())} but the teacher "
+                              f"gives {classes} classes")
 
 
 def _sweep(teachers: list[str | Path], data: str | Path, widths: list[int], ranks: list[int],
@@ -126,7 +176,7 @@ def _sweep(teachers: list[str | Path], data: str | Path, widths: list[int], rank
             if row is None:
                 row = train_on_labels(data, train_labels, w, 0, opts, x_eval, y_eval)
                 with atomic_path(path) as tmp:
-                    Path(tmp).write_text(json.dumps({"run": record, "row": row}, indent=2) + "\n")
+                    Path(tmp).write_text(jsonio.dumps({"run": record, "row": row}) + "\n")
                 row["reused"] = False
             else:
                 row["reused"] = True
@@ -136,7 +186,7 @@ def _sweep(teachers: list[str | Path], data: str | Path, widths: list[int], rank
     result = {"teacher": {"name": teacher.get("name"), "params": teacher.get("params"),
                           "accuracy": teacher.get("accuracy")}, "runs": rows}
     with atomic_path(out / "sweep.json") as tmp:
-        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+        Path(tmp).write_text(jsonio.dumps(result) + "\n")
     with atomic_path(out / "sweep.md") as tmp:
         Path(tmp).write_text(render(result))
     try:

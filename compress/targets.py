@@ -61,6 +61,14 @@ def _partial(path: Path) -> tuple[Path, Path]:
     return path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.progress.json")
 
 
+def cache_writes(path: str | Path, option: str) -> list[tuple[str, Path, str]]:
+    """Every name a cache at `path` is written under (for atomic.refuse_overwrite): the file, its key,
+    and the hidden partial, progress, lock, shard and temporary files beside it."""
+    path = Path(path)
+    names = (path.name, _sidecar(path).name, f".{path.name}*", f"..{path.name}*", f".{_sidecar(path).name}*")
+    return [(f"{option} {path}", path.parent, n) for n in names]
+
+
 def labelled_so_far(path: str | Path, since: float = 0.0) -> tuple[int, int] | None:
     """(rows committed, rows in all) of an unfinished cache at `path` whose progress was committed at
     or after time `since`; None when there is none."""
@@ -145,7 +153,14 @@ def _compute_targets(teacher: Teacher, x: Any, path: Path, key: dict[str, Any] |
             rows = pending.result()
             pending = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
             stop = start + rows.shape[0]
-            out[start:stop] = teacher.logits(rows, batch_size)
+            z = teacher.logits(rows, batch_size)
+            if not np.isfinite(z).all():  # never cached: a later distill would train on it
+                from compress.errors import TeacherError
+
+                bad = start + int(np.flatnonzero(~np.isfinite(z).all(axis=1))[0])
+                raise TeacherError(f"TEACHER {getattr(teacher, 'name', '')}: gives NaN or inf logits "
+                                   f"(first on row {bad} of the data); nothing was cached")
+            out[start:stop] = z
             if stop == n or time.perf_counter() - last_commit >= COMMIT_SECONDS:
                 out.flush()  # the rows reach the disk before the progress that counts them
                 _write_json(state_path, {"key": key, "shape": [n, c], "done": stop})

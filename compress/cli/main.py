@@ -8,7 +8,7 @@ training it also says how to continue.
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,8 +17,13 @@ from typing import Any
 
 import click
 
+from compress import jsonio
 from compress.atomic import STORAGE_ERRNOS
 from compress.cli.options import (
+    EPOCHS,
+    SECONDS,
+    SEED,
+    TEACHER_BATCH,
     RankType,
     SizeType,
     WidthType,
@@ -140,7 +145,7 @@ def say_notes(report: dict[str, Any]) -> None:
                    "from disk in blocks [default: a quarter of RAM].")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run from --out/checkpoint.pt (saved after every epoch).")
-@click.option("--bench-seconds", type=float, default=1.0, show_default=True,
+@click.option("--bench-seconds", type=SECONDS, default=1.0, show_default=True,
               help="Latency timing budget per model and batch size.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
 def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_labels: Path | None,
@@ -186,7 +191,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
               help="Where to write the logits (.npy).")
 @teacher_options
 @click.option("--key", default=None, help="Array name inside .npz files.")
-@click.option("--batch-size", type=int, default=1024, show_default=True, help="Teacher batch size.")
+@click.option("--batch-size", type=TEACHER_BATCH, default=1024, show_default=True, help="Teacher batch size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where the teacher runs.")
 def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str | None,
@@ -200,6 +205,13 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
 
     if out_path.suffix != ".npy":
         raise click.BadParameter(f"{out_path} must end in .npy", param_hint="--out")
+    from compress.atomic import refuse_overwrite
+    from compress.targets import cache_writes
+
+    refuse_overwrite({"TEACHER": list(teachers), "--data": data}, cache_writes(out_path, "--out"))
+    from compress.pipeline import check_device
+
+    check_device(device)
     teacher = load_teacher(list(teachers), output=output, device=device, arch=arch,
                            trust_pickle=trust_pickle)
     x = data_mod.open_inputs(data, teacher.signature.sample_shape, key=key)  # read chunk by chunk
@@ -230,9 +242,9 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
               type=click.Path(path_type=Path), help="Output folder (one subfolder per student).")
 @teacher_options
 @click.option("--key", default=None, help="Array name inside .npz files.")
-@click.option("--epochs", type=int, default=None, help="Passes over the data [default: ~4,000 steps].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
-@click.option("--bench-seconds", type=float, default=0.2, show_default=True,
+@click.option("--epochs", type=EPOCHS, default=None, help="Passes over the data [default: ~4,000 steps].")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed.")
+@click.option("--bench-seconds", type=SECONDS, default=0.2, show_default=True,
               help="Latency timing budget per model and batch size.")
 @click.option("--resume", is_flag=True,
               help="Keep the students an interrupted sweep finished; continue the one it was training.")
@@ -279,7 +291,7 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
         result = run(list(teachers), data, ws, rs, opts, eval_data, eval_labels, train_labels,
                      progress=update)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(jsonio.dumps(result))
     else:
         console.print(render(result))
         console.print(f"Wrote {out_dir}/sweep.json, sweep.md, sweep.png")
@@ -315,7 +327,7 @@ def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, 
         return
     say_notes(report)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(jsonio.dumps(report))
     else:
         t, f = report["train"], report["fidelity"]
         console.print(f"Student width {report['student']['width']:,}, rank {report['student']['rank']}, "
@@ -339,15 +351,33 @@ def export(student: Path, out_path: Path, data: Path | None, precision: str, min
     import numpy as np
 
     from compress import data as data_mod
+    from compress.atomic import refuse_overwrite
+    from compress.errors import ConfigError
     from compress.exporters.onnx import export_onnx, student_to_onnx
     from compress.exporters.quantize import export_precision, fp32_file, refuse_too_large
     from compress.student import load_student
     from compress.teachers import Signature
 
-    (precision,) = parse_precisions(precision) or ("fp32",)
+    precisions = parse_precisions(precision) or ("fp32",)
+    if len(precisions) != 1:
+        raise click.BadParameter(f"'{precision}': export writes one file; give one of fp32, fp16, int8",
+                                 param_hint="'--precision'")
+    (precision,) = precisions
+    if out_path.is_dir():
+        raise click.BadParameter(f"{out_path} is a folder; give the ONNX file's name", param_hint="'--out'")
+    if quantize != "weights" and precision != "int8":
+        raise click.BadParameter(f"{quantize} applies to --precision int8", param_hint="'--quantize'")
+    name = out_path.name
+    names = (name, f".{name}*", f"{name}.*.data")  # the file, its temporary folder, its weights file
+    refuse_overwrite({"STUDENT": student, "--data": data},
+                     [(f"--out {out_path}", out_path.parent, p) for p in names])
     model, cfg, meta = load_student(str(student))
     refuse_too_large(cfg, precision)
-    sig = Signature(**{**meta["signature"], "sample_shape": tuple(meta["signature"]["sample_shape"])})
+    try:
+        sig = Signature(**{**meta["signature"], "sample_shape": tuple(meta["signature"]["sample_shape"])})
+        np.dtype(sig.input_dtype)
+    except (TypeError, ValueError):
+        raise ConfigError(f"STUDENT {student}: its teacher signature is not readable") from None
     if data is not None:
         x = data_mod.load_inputs(data, cfg.sample_shape)
     elif "check_inputs" in meta:
@@ -361,7 +391,7 @@ def export(student: Path, out_path: Path, data: Path | None, precision: str, min
     else:
         with fp32_file(student_to_onnx(model, cfg, sig)) as fp32:
             info = export_precision(fp32, out_path, precision, x, min_agreement, quantize, x)
-    click.echo(json.dumps(info))
+    click.echo(jsonio.dumps(info, indent=None))
 
 
 @cli.command()
@@ -378,15 +408,27 @@ def compare(teacher: Path, student: Path, data: Path, labels: Path | None, outpu
             as_json: bool) -> None:
     """Compare any two ONNX classifiers on the same inputs: a teacher and its student, or a student
     and its int8 export. Accuracy (with --labels), agreement, logit RMSE, size, latency."""
+    import numpy as np
+
     from compress import data as data_mod
+    from compress.errors import DataError, TeacherError
     from compress.evaluate import compare as run
     from compress.teachers import load_teacher
 
     batches = parse_batch_sizes(batch_sizes)
     t = load_teacher([teacher], output=output, device="cpu", arch=arch, trust_pickle=trust_pickle)
-    s = load_teacher([student], device="cpu")
+    try:
+        s = load_teacher([student], device="cpu")
+    except TeacherError as e:  # the second model is the student: name it so
+        msg = str(e)
+        raise TeacherError("STUDENT" + msg[len("TEACHER"):] if msg.startswith("TEACHER") else msg) from None
     x = data_mod.load_inputs(data, t.signature.sample_shape, key=key)
-    y = data_mod.load_labels(labels, x.shape[0], data_what="--data") if labels else None
+    y = data_mod.load_labels(labels, x.shape[0], what="--labels", data_what="--data") if labels else None
+    if y is not None:
+        classes = t.logits(np.asarray(x[:1], dtype=np.float32)).shape[1]
+        if int(y.max()) >= classes:
+            raise DataError(f"--labels {labels}: has class {int(y.max())} but the teacher gives {classes} "
+                            "classes")
     report = run(t, s, x, y, batches=batches)
     report["eval"]["source"] = f"--data {data.name}"
     report["latency_provider"] = "CPUExecutionProvider"
@@ -399,8 +441,9 @@ def compare(teacher: Path, student: Path, data: Path, labels: Path | None, outpu
 @click.option("--batch-sizes", default="1,64,256", show_default=True, help="Comma-separated.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime execution provider.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads [default: onnxruntime's].")
-@click.option("--seconds", type=float, default=1.0, show_default=True,
+@click.option("--threads", type=click.IntRange(1, 4 * (os.cpu_count() or 1)), default=None,
+              help="Intra-op threads, up to 4x the cores [default: onnxruntime's].")
+@click.option("--seconds", type=SECONDS, default=1.0, show_default=True,
               help="Timing budget per model and batch size (after warm-up).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def bench(models: tuple[Path, ...], batch_sizes: str, provider: str, threads: int | None,
@@ -409,11 +452,9 @@ def bench(models: tuple[Path, ...], batch_sizes: str, provider: str, threads: in
     from compress.bench import bench as run
     from compress.cli.render import print_bench
 
-    if threads is not None and threads < 1:
-        raise click.BadParameter("must be at least 1", param_hint="'--threads'")
     result = run(list(models), parse_batch_sizes(batch_sizes), provider, threads, seconds)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(jsonio.dumps(result))
     else:
         print_bench(result)
 
@@ -431,7 +472,7 @@ def inspect(model: Path, output: str | None, arch: str | None, trust_pickle: boo
 
     info = describe(model, output=output, arch=arch, trust_pickle=trust_pickle)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(jsonio.dumps(info))
     else:
         print_description(info)
 
@@ -439,7 +480,7 @@ def inspect(model: Path, output: str | None, arch: str | None, trust_pickle: boo
 @cli.command()
 @click.option("--out", "out_dir", default="compress-demo", show_default=True,
               type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--transfer", type=int, default=200_000, show_default=True,
+@click.option("--transfer", type=click.IntRange(1_000, 10_000_000), default=200_000, show_default=True,
               help="Fresh unlabeled MNIST-1D samples to generate as transfer data.")
 @click.option("--width", type=WidthType(), default="4k", show_default=True, help="Student width.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")

@@ -3,11 +3,11 @@ time beyond what parsing needs, so `compress --help` stays fast."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
+from compress import jsonio
 from compress.cli.render import print_table
 
 
@@ -67,6 +67,38 @@ class RankType(click.ParamType):
         return k
 
 
+class Bounded(click.ParamType):
+    """A finite float in [low, high] (either end open where asked): --lr, --temperature, seconds."""
+
+    name = "number"
+
+    def __init__(self, low: float, high: float, low_open: bool = False, why: str = "") -> None:
+        self.low, self.high, self.low_open, self.why = low, high, low_open, why
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        import math
+
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"'{value}' is not a number", param, ctx)
+        bad = not math.isfinite(v) or v > self.high or (v <= self.low if self.low_open else v < self.low)
+        if bad:
+            side = ">" if self.low_open else ">="
+            self.fail(f"{value} is out of range: must be finite, {side} {self.low:g} and <= {self.high:g}"
+                      f"{self.why}", param, ctx)
+        return v
+
+
+# Bounds on whole-number options: beyond them a run cannot finish or a value cannot be meant
+EPOCHS = click.IntRange(1, 100_000)
+BATCH = click.IntRange(1, 2**31 - 1)
+SEED = click.IntRange(0, 2**32 - 1)
+TEACHER_BATCH = click.IntRange(1, 1_048_576)
+MAX_LATENCY_BATCH = 65_536
+SECONDS = Bounded(0.0, 3600.0, low_open=True)
+
+
 def fit_options(f: Any) -> Any:
     from compress.fit import FitConfig
 
@@ -76,19 +108,19 @@ def fit_options(f: Any) -> Any:
                      help="Hidden ReLU units H: 8000, 8k, 400k, 1.5M."),
         click.option("--rank", type=RankType(), default="auto", show_default=True,
                      help="Linear bottleneck k (0: none; auto: min(250, inputs/2))."),
-        click.option("--epochs", type=int, default=None,
+        click.option("--epochs", type=EPOCHS, default=None,
                      help="Passes over the transfer data [default: about 4,000 steps, 10..300]."),
-        click.option("--batch-size", type=int, default=d.batch_size, show_default=True,
+        click.option("--batch-size", type=BATCH, default=d.batch_size, show_default=True,
                      help="Samples per optimizer step."),
-        click.option("--lr", type=float, default=d.lr, show_default=True,
+        click.option("--lr", type=Bounded(0.0, 1.0, low_open=True), default=d.lr, show_default=True,
                      help="Peak Adam learning rate (3% warm-up, cosine decay)."),
         click.option("--loss", type=click.Choice(["l2", "kl"]), default=d.loss, show_default=True,
                      help="l2 on logits (the paper's) or kl with --temperature (Hinton 2015)."),
-        click.option("--temperature", type=float, default=d.temperature, show_default=True,
+        click.option("--temperature", type=Bounded(0.1, 1000.0), default=d.temperature, show_default=True,
                      help="Softmax temperature for --loss kl."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Where to train; auto uses a GPU when there is one."),
-        click.option("--seed", type=int, default=d.seed, show_default=True,
+        click.option("--seed", type=SEED, default=d.seed, show_default=True,
                      help="Seed for initialization, shuffling and the held-out split."),
         click.option("--engine", type=click.Choice(["auto", "split", "autograd"]), default=d.engine,
                      show_default=True, help="The training step: split (the CPU step of its own, "
@@ -106,7 +138,7 @@ def export_options(multiple: bool) -> Any:
         opts = [
             click.option("--precision", default="" if multiple else "fp32",
                          show_default=not multiple, help=help_),
-            click.option("--min-agreement", type=float, default=0.99, show_default=True,
+            click.option("--min-agreement", type=click.FloatRange(0.0, 1.0), default=0.99, show_default=True,
                          help="Refuse an fp16/int8 export whose top-1 agreement with the fp32 student "
                               "on held-out inputs falls below this."),
             click.option("--quantize", type=click.Choice(["weights", "dynamic", "static"]),
@@ -123,7 +155,7 @@ def export_options(multiple: bool) -> Any:
 def parse_precisions(text: str) -> tuple[str, ...]:
     from compress.exporters.quantize import PRECISIONS
 
-    out = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    out = tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))  # once each
     for p in out:
         if p not in PRECISIONS:
             raise click.BadParameter(f"'{p}' is not one of {', '.join(PRECISIONS)}",
@@ -154,7 +186,7 @@ def is_main_rank() -> bool:
 
 def emit(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(jsonio.dumps(report))
     else:
         print_table(report)
 
@@ -164,7 +196,7 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
         sizes = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise click.BadParameter(f"'{text}' is not a list of batch sizes like 1,64,256",
-                                 param_hint="'--batch-sizes'")
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_LATENCY_BATCH:
+        raise click.BadParameter(f"'{text}' is not a list of batch sizes like 1,64,256 (each 1 to "
+                                 f"{MAX_LATENCY_BATCH:,})", param_hint="'--batch-sizes'")
     return sizes

@@ -62,7 +62,8 @@ def student_to_onnx(model: torch.nn.Module, cfg: StudentConfig, sig: Signature,
     names them: protobuf cannot hold a tensor over 2 GiB, so a large student is never in one message."""
     from onnx import numpy_helper
 
-    state = {k: np.ascontiguousarray(v.detach().cpu().float().numpy())
+    p = internal_prefix(sig)
+    state = {p + k: np.ascontiguousarray(v.detach().cpu().float().numpy())
              for k, v in model.state_dict().items()}
     if weights_file is None:
         inits = [numpy_helper.from_array(v, name=k) for k, v in state.items()]
@@ -86,8 +87,20 @@ def _external_tensor(name: str, value: np.ndarray, f: Any, location: str) -> onn
     return t
 
 
+def internal_prefix(sig: Signature) -> str:
+    """The prefix of every name inside the student's graph (weights, intermediate values): `student/`,
+    lengthened while the teacher's input or output name starts with it, so that no interface name of
+    any teacher can collide with an internal one (ONNX requires each value to be defined once)."""
+    p = "student/"
+    while sig.input_name.startswith(p) or sig.output_name.startswith(p):
+        p = p[:-1] + "_/"
+    return p
+
+
 def _graph(inits: list[onnx.TensorProto], cfg: StudentConfig, sig: Signature) -> onnx.ModelProto:
     from onnx import TensorProto, helper
+
+    p = internal_prefix(sig)
 
     dtype = helper.np_dtype_to_tensor_dtype(np.dtype(sig.input_dtype))
     x = helper.make_tensor_value_info(sig.input_name, dtype, ["batch", *cfg.sample_shape])
@@ -95,19 +108,19 @@ def _graph(inits: list[onnx.TensorProto], cfg: StudentConfig, sig: Signature) ->
     nodes = []
     src = sig.input_name
     if dtype != TensorProto.FLOAT:
-        nodes.append(helper.make_node("Cast", [src], ["x_float"], to=TensorProto.FLOAT))
-        src = "x_float"
-    nodes.append(helper.make_node("Flatten", [src], ["flat"], axis=1))  # (N, D)
+        nodes.append(helper.make_node("Cast", [src], [p + "x_float"], to=TensorProto.FLOAT))
+        src = p + "x_float"
+    nodes.append(helper.make_node("Flatten", [src], [p + "flat"], axis=1))  # (N, D)
     if cfg.rank > 0:
-        nodes.append(helper.make_node("Gemm", ["flat", "bottleneck.weight"], ["low_rank"],
+        nodes.append(helper.make_node("Gemm", [p + "flat", p + "bottleneck.weight"], [p + "low_rank"],
                                       name="bottleneck", transB=1))  # (N, D) -> (N, k)
-        nodes.append(helper.make_node("Gemm", ["low_rank", "hidden.weight", "hidden.bias"],
-                                      ["pre_relu"], name="hidden", transB=1))  # (N, k) -> (N, H)
+        nodes.append(helper.make_node("Gemm", [p + "low_rank", p + "hidden.weight", p + "hidden.bias"],
+                                      [p + "pre_relu"], name="hidden", transB=1))  # (N, k) -> (N, H)
     else:
-        nodes.append(helper.make_node("Gemm", ["flat", "hidden.weight", "hidden.bias"],
-                                      ["pre_relu"], name="hidden", transB=1))  # (N, D) -> (N, H)
-    nodes.append(helper.make_node("Relu", ["pre_relu"], ["hidden_out"], name="relu"))
-    nodes.append(helper.make_node("Gemm", ["hidden_out", "out.weight", "out.bias"],
+        nodes.append(helper.make_node("Gemm", [p + "flat", p + "hidden.weight", p + "hidden.bias"],
+                                      [p + "pre_relu"], name="hidden", transB=1))  # (N, D) -> (N, H)
+    nodes.append(helper.make_node("Relu", [p + "pre_relu"], [p + "hidden_out"], name="relu"))
+    nodes.append(helper.make_node("Gemm", [p + "hidden_out", p + "out.weight", p + "out.bias"],
                                   [sig.output_name], name="out", transB=1))  # (N, H) -> (N, C)
     graph = helper.make_graph(nodes, "compress_student", [x], [y], initializer=inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],

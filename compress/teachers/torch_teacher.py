@@ -63,6 +63,20 @@ def load_factory(arch: str) -> Any:
     return factory
 
 
+def _call_factory(arch: str) -> Any:
+    """The model from the user's factory; whatever it raises (SystemExit included) is one line."""
+    import torch
+
+    factory = load_factory(arch)
+    try:
+        model = factory()
+    except (Exception, SystemExit) as e:
+        raise TeacherError(f"--arch: {arch}() failed ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(model, torch.nn.Module):
+        raise TeacherError(f"--arch: {arch}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def _state_dict(obj: Any) -> dict[str, Any] | None:
     """The state dict inside a weights_only checkpoint: itself, or under a usual key."""
     import torch
@@ -136,7 +150,7 @@ class TorchTeacher:
             raise TeacherError(f"TEACHER {self.path}: is a state dict (weights without the code that "
                                "uses them); add --arch package.module:factory, a function returning the "
                                "model to load them into")
-        model = load_factory(arch)()
+        model = _call_factory(arch)
         try:
             model.load_state_dict(state)
         except RuntimeError as e:

@@ -1,0 +1,68 @@
+"""How much memory training a student takes, against what this process may use: checked before the
+teacher runs, so that a typo (`--width 400M` for 400k) is one line instead of a traceback from the
+allocator, or the kernel's OOM killer, after the whole transfer set was labelled.
+
+What the process may use is the smaller of MemAvailable (/proc/meminfo) and, in a container, the
+room left under its cgroup's memory limit (v2 `memory.max` - `memory.current`, v1
+`memory.limit_in_bytes` - `memory.usage_in_bytes`, the tightest level of the hierarchy).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compress.threads import CGROUP_ROOT, _levels, _read
+
+# float32 copies of every weight that a CPU fit holds at once: the weights, their gradients, Adam's two
+# moments, and the best epoch's copy
+STATE_COPIES = 5
+
+
+def _meminfo_available(meminfo: str | None = None) -> int | None:
+    text = meminfo if meminfo is not None else _read(Path("/proc/meminfo"))
+    for line in (text or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _cgroup_room(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> int | None:
+    """Bytes left under the tightest memory limit of this process's cgroups; None when none is set."""
+    if proc_cgroup is None:
+        proc_cgroup = _read(Path("/proc/self/cgroup")) or ""
+    rooms = []
+    for line in proc_cgroup.splitlines():
+        hier, _, rest = line.partition(":")
+        controllers, _, rel = rest.partition(":")
+        if hier == "0" and controllers == "":
+            files = [(lvl / "memory.max", lvl / "memory.current") for lvl in _levels(root, rel)]
+        elif "memory" in controllers.split(","):
+            base = root / "memory"
+            files = [(lvl / "memory.limit_in_bytes", lvl / "memory.usage_in_bytes")
+                     for lvl in _levels(base, rel)]
+        else:
+            continue
+        for limit_file, usage_file in files:
+            try:
+                limit, usage = int(_read(limit_file) or ""), int(_read(usage_file) or "0")
+            except ValueError:  # "max", missing
+                continue
+            if 0 < limit < 2**60:  # v1 writes a huge number for no limit
+                rooms.append(max(0, limit - usage))
+    return min(rooms, default=None)
+
+
+def available_bytes() -> int | None:
+    """What this process may still allocate; None where it cannot be read (not Linux)."""
+    found = [v for v in (_meminfo_available(), _cgroup_room()) if v is not None]
+    return min(found, default=None)
+
+
+def training_bytes(params: int, batch: int, activation_per_sample: int, data_bytes: int) -> int:
+    """A CPU fit's peak: STATE_COPIES float32 copies of the weights, one step's activations, and the
+    training data held in memory."""
+    return STATE_COPIES * 4 * params + batch * activation_per_sample + data_bytes
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
