@@ -20,7 +20,7 @@ import numpy as np
 from compress import data as data_mod
 from compress import jsonio
 from compress.atomic import atomic_path, exclusive, refuse_overwrite
-from compress.errors import ConfigError, DataError, TeacherError
+from compress.errors import ConfigError, DataError, ExportError, TeacherError
 from compress.fit import FitConfig
 from compress.student import StudentConfig, count_params
 from compress.teachers import OnnxTeacher, load_teacher
@@ -346,10 +346,15 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     save_student(result.model, cfg, str(out / "student.pt"), meta, check_inputs=x_val[:256])
     check_x = x_eval if x_eval is not None else x_val
     exp = export_onnx(result.model, cfg, sig, out / "student.onnx", check_x)
-    extra = [export_precision(exp.path, out / f"student.{p}.onnx", p,  # from the checked fp32 file
-                              x_val, opts.min_agreement, opts.quantize,
-                              np.asarray(x[train_idx[:512]], dtype=np.float32))
-             for p in opts.precisions if p != "fp32"]
+    checkpoint.unlink(missing_ok=True)  # the student is kept: nothing left to resume
+    try:
+        extra = [export_precision(exp.path, out / f"student.{p}.onnx", p,  # from the checked fp32 file
+                                  x_val, opts.min_agreement, opts.quantize,
+                                  np.asarray(x[train_idx[:512]], dtype=np.float32))
+                 for p in opts.precisions if p != "fp32"]
+    except ExportError as e:
+        raise ExportError(f"{e}. The fp32 student is kept: {out / 'student.onnx'} and student.pt (no "
+                          "report was written)") from None
 
     # 5. compare, with the exported file itself standing for the student
     say("compare")
@@ -389,7 +394,6 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
         "latency_provider": student.session.get_providers()[0],
         "run": record,
     }
-    checkpoint.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     plot = write_plot(report, out / "report.png")
     _write_text(out / "report.json", jsonio.dumps(report) + "\n")
     _write_text(out / "report.md", ev.render_markdown(report, plot))

@@ -44,6 +44,7 @@ class OneLineErrors(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs["standalone_mode"] = False
+        _terminate_like_ctrl_c()
         try:
             rv = super().main(*args, **kwargs)
         except click.exceptions.Exit as e:
@@ -67,6 +68,19 @@ class OneLineErrors(click.Group):
             click.echo(f"Error: {e.filename or 'writing'}: {e.strerror}", err=True)
             sys.exit(2)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM (`kill`, a job scheduler's stop) unwinds like Ctrl-C: locks and temporary files are
+    removed and the same one-line hint is printed, instead of dying where it stands."""
+    import signal
+    import threading
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -487,9 +501,12 @@ def inspect(model: Path, output: str | None, arch: str | None, trust_pickle: boo
 def demo(out_dir: Path, transfer: int, width: int, as_json: bool) -> None:
     """Distill the built-in MNIST-1D CNN teacher on freshly generated transfer data."""
     from compress.demo import prepare
-    from compress.pipeline import DistillOptions
+    from compress.fit import FitConfig
+    from compress.pipeline import DistillOptions, check_memory, student_config
     from compress.pipeline import distill as run
 
+    # MNIST-1D: 40 inputs, 10 classes; a width that cannot train is refused before any data is made
+    check_memory(student_config((40,), 10, width, 0), FitConfig(), 40 * 4 * transfer)
     console.print(f"Generating {transfer:,} MNIST-1D transfer samples and the 1,000-sample test set...")
     files = prepare(out_dir, transfer)
     opts = DistillOptions(width=width, rank=0, out_dir=str(out_dir))
