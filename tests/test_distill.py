@@ -43,7 +43,8 @@ def test_report_has_the_contract_keys(distilled):
     assert {p.name for p in out.iterdir()} >= {"student.onnx", "student.pt", "report.json", "report.md",
                                                "targets.npy"}
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
-    assert r["train"]["notes"] == [] and r["train"]["batch_size"] == 128 and r["train"]["streamed"] is False
+    assert [n for n in r["train"]["notes"] if "constant over" not in n] == []  # digits: 3 blank pixels
+    assert r["train"]["batch_size"] == 128 and r["train"]["streamed"] is False
     from compress.evaluate import render_markdown  # a changed request is said in report.md too
 
     r["train"]["notes"] = ["--batch-size: 4096 does not fit; training with 1024"]

@@ -14,10 +14,75 @@ _LABELS = {"targets": "teacher", "targets ": "teacher+", "augment": "augment", "
            "export": "export", "compare": "compare", "sweep": "sweep"}
 
 
+def rate(per_second: float) -> str:
+    """114 -> '114', 12,345 -> '12.3k', 2,500,000 -> '2.5M': three figures at most, never '0k'."""
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if round(per_second, -int(f"{per_second:e}".split("e")[1]) + 2) >= div:
+            v = per_second / div
+            return f"{v:.3g}{unit}" if v < 999.5 else f"{v:,.0f}{unit}"
+    return f"{per_second:.3g}" if per_second < 100 else f"{per_second:.0f}"
+
+
+class PlainProgress:
+    """Progress as plain lines, for a stderr that is not a terminal: one when a stage starts, then at
+    most one every `every_s` seconds per stage, plus one at each epoch's end and when a stage is done;
+    each with the rate and the time left. `clock` is what tells the time (tests pass their own)."""
+
+    def __init__(self, every_s: float = 10.0, clock: Any = None) -> None:
+        import time
+
+        self.every_s, self.clock = every_s, clock or time.monotonic
+        self.started: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    def say(self, text: str) -> None:
+        console.print(text, highlight=False, soft_wrap=True)
+
+    def update(self, stage: str, info: dict[str, Any]) -> None:
+        now = self.clock()
+        if "note" in info:
+            self.say(f"Note: {info['note']}")
+            return
+        first = stage not in self.started
+        self.started.setdefault(stage, now)
+        if stage in ("targets", "augment", "sweep"):
+            done, total = info["done"], info["total"]
+            final = done >= total
+            unit = "students" if stage == "sweep" else "rows"
+            line = f"{_LABELS.get(stage, stage)}: {done:,}/{total:,} {unit}"
+        elif stage == "fit":
+            done, total = info["step"], info["steps"]
+            final = "loss" in info  # an epoch's end
+            line = (f"fit: epoch {info['epoch']}/{info['epochs']}, "
+                    f"{rate(info['samples_per_second'])} samples/s")
+            if final:
+                loss = (f"residual {100 * info['residual']:.3g}% of logit var" if info.get("residual")
+                        is not None else f"loss {info['loss']:.4g}")
+                line += f", {loss}, agree {100 * info['agreement']:.1f}%"
+        else:
+            self.say(f"{stage}: started")
+            return
+        if not (first or final or now - self.last.get(stage, now) >= self.every_s):
+            return
+        self.last[stage] = now
+        elapsed = now - self.started[stage]
+        if 0 < done < total and elapsed > 0:
+            line += f", {_duration(elapsed * (total - done) / done)} left"
+        self.say(line)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 class ProgressView:
     """Receives the library's (stage, details) callbacks and shows one bar per stage."""
 
     def __init__(self, enabled: bool = True) -> None:
+        # stderr not a terminal (nohup, CI logs, `2> log`): plain lines instead of bars redrawn in place
+        self.plain = PlainProgress() if enabled and not console.is_terminal else None
+        enabled = enabled and self.plain is None
         self.progress = Progress(TextColumn("{task.description:<7}"), BarColumn(bar_width=24),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                                  console=console, transient=False, disable=not enabled)
@@ -38,6 +103,9 @@ class ProgressView:
         return self.tasks[stage]
 
     def update(self, stage: str, info: dict[str, Any]) -> None:
+        if self.plain is not None:
+            self.plain.update(stage, info)
+            return
         if "note" in info:  # something to read now, not in the final report
             self.progress.console.print(f"Note: {info['note']}", highlight=False)
         elif stage in ("targets", "augment", "sweep"):
@@ -49,9 +117,11 @@ class ProgressView:
         elif stage == "fit":
             t = self._task(stage, info["steps"])
             parts = [f"epoch {info['epoch']}/{info['epochs']}",
-                     f"{info['samples_per_second'] / 1000:,.0f}k samples/s"]
+                     f"{rate(info['samples_per_second'])} samples/s"]
             if "loss" in info:
-                parts += [f"loss {info['loss']:.4g}", f"agree {100 * info['agreement']:.1f}%"]
+                loss = (f"residual {100 * info['residual']:.3g}% of logit var" if info.get("residual")
+                        is not None else f"loss {info['loss']:.4g}")
+                parts += [loss, f"agree {100 * info['agreement']:.1f}%"]
                 self.last_fit = ", ".join(parts)
             self.progress.update(t, completed=info["step"],
                                  info=", ".join(parts) if "loss" in info else
