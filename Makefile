@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch 2.13.0: the CPU wheel where the machine has it on disk; override with `make install TORCH=torch`
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-all lint bench bench-paper clean
+.PHONY: install demo test test-all lint bench bench-paper gpu-wheels gpu-check clean
 
 $(BIN)/compress: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ bench: install
 # Ba & Caruana's Table 1 on MNIST-1D (about 10 minutes on 2 CPU cores)
 bench-paper: install
 	$(BIN)/python benchmarks/paper_mnist1d.py
+
+# On a GPU machine, first thing (about 8 minutes on an H100): GPU tests, bf16 throughput, CUDA provider.
+# Uses .venv when there is one, else python3 as it is (a GPU machine without network has torch already).
+# Wheels a GPU machine without network lacks (its image has the rest): carried in .whl/
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps -d .whl mnist1d
+
+gpu-check:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python benchmarks/gpu_check.py; else python3 benchmarks/gpu_check.py; fi
 
 clean:
 	rm -rf $(VENV) compress-demo compress-out .pytest_cache

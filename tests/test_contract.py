@@ -196,3 +196,17 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path):
     assert stderr.strip().splitlines()[-1].startswith("Interrupted: 16,384 of")
     left = {p.name for p in tmp_path.iterdir()}
     assert ".z.npy.lock" not in left and not any(".tmp-" in n for n in left), left
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here: gpu-check would run")
+def test_gpu_check_without_a_gpu_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    before = snapshot(Path(__file__).parents[1] / "benchmarks" / "results")
+    r = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "Error: gpu-check: torch sees no CUDA GPU here (torch.cuda.is_available() is False); run it on a "
+        "GPU machine"], r.stderr
+    assert snapshot(Path(__file__).parents[1] / "benchmarks" / "results") == before
