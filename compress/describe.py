@@ -40,6 +40,10 @@ def describe_onnx(path: Path, output: str | None) -> dict[str, Any]:
         "outputs": [{"name": o.name, "shape": _dims(o.shape), "type": o.type,
                      "looks_like": output_kind_guess(model, o.name, o.type)} for o in sess.get_outputs()],
     }
+    from compress.student import conv_kind
+
+    shape = info["inputs"][0]["shape"][1:] if len(info["inputs"]) == 1 else None
+    info["student_convolution"] = conv_kind(tuple(shape) if shape is not None else None)
     try:
         OnnxTeacher(path, output=output, device="cpu")
         info["distill_uses"] = pick_output(sess.get_outputs(), output, path).name
@@ -50,6 +54,7 @@ def describe_onnx(path: Path, output: str | None) -> dict[str, Any]:
 
 
 def describe_torch(path: Path, arch: str | None, trust_pickle: bool) -> dict[str, Any]:
+    from compress.student import conv_kind
     from compress.teachers.torch_teacher import TorchTeacher, file_kind
 
     if path.is_dir():
@@ -76,6 +81,7 @@ def describe_torch(path: Path, arch: str | None, trust_pickle: bool) -> dict[str
         outputs=[{"name": "(return value)", "shape": ["batch", "classes"], "type": "float32",
                   "looks_like": "logits or probabilities (decided on the first batch)"}],
         distill_uses="the module's return value",
+        student_convolution=conv_kind(shape),
     )
     return info
 

@@ -119,7 +119,9 @@ def _use_split(fit_cfg: FitConfig, device: torch.device, ranks: int, cfg: Studen
     """The split CPU step (compress.split_step) for single-process CPU runs where it pays."""
     import torch
 
-    if fit_cfg.engine == "autograd" or device.type != "cpu" or ranks > 1:
+    if fit_cfg.engine == "split" and cfg.front:
+        raise ConfigError("--engine split: only for students without convolutions; use autograd")
+    if fit_cfg.engine == "autograd" or device.type != "cpu" or ranks > 1 or cfg.front:
         if fit_cfg.engine == "split":
             raise ConfigError("--engine split: only for single-process CPU training")
         return False
@@ -159,6 +161,15 @@ def _fold(model: nn.Sequential, mu: np.ndarray, sd: np.ndarray, z_mean: np.ndarr
     import torch
 
     with torch.no_grad():
+        if hasattr(model, "norm"):  # a convolutional student standardizes inside the model: exact
+            model.norm.mean.copy_(torch.from_numpy(mu).float().view_as(model.norm.mean))
+            model.norm.scale.copy_(torch.from_numpy(1.0 / sd).float().view_as(model.norm.scale))
+            mu, sd = np.zeros_like(mu[:0]), np.ones_like(sd[:0])
+        out = model.out
+        out.weight.mul_(z_scale)
+        out.bias.copy_(out.bias.double() * z_scale + torch.from_numpy(z_mean).double())
+        if hasattr(model, "norm"):
+            return
         first = model.bottleneck if hasattr(model, "bottleneck") else model.hidden
         w = first.weight.double() / torch.from_numpy(sd).double()  # (out, D)
         shift = w @ torch.from_numpy(mu).double()  # (out,): what the mean subtraction contributed
@@ -168,9 +179,6 @@ def _fold(model: nn.Sequential, mu: np.ndarray, sd: np.ndarray, z_mean: np.ndarr
             h.bias.copy_(h.bias.double() - shift)
         else:
             h.bias.copy_(h.bias.double() - h.weight.double() @ shift)
-        out = model.out
-        out.weight.mul_(z_scale)
-        out.bias.copy_(out.bias.double() * z_scale + torch.from_numpy(z_mean).double())
 
 
 def _diverged(epoch: int, train_loss: float, val_loss: float, fit_cfg: FitConfig, checkpoint: str | None,
@@ -212,6 +220,17 @@ def robust_scale(sd: np.ndarray) -> tuple[np.ndarray, int]:
     out = np.maximum(sd, SPREAD_FLOOR * typical)
     out[constant] = np.inf
     return out, int(constant.sum())
+
+
+def per_channel(mu: np.ndarray, sd: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature moments -> each channel's mean and spread over all its positions, repeated to one
+    value per feature. Channels first: (C, H, W) or (C, L); (L,) is one channel."""
+    c = shape[0] if len(shape) > 1 else 1
+    m, v = mu.reshape(c, -1), (sd**2).reshape(c, -1)
+    mean = m.mean(axis=1, keepdims=True)  # (C, 1)
+    var = np.maximum((v + m**2).mean(axis=1, keepdims=True) - mean**2, 0.0)
+    return (np.broadcast_to(mean, m.shape).reshape(-1).copy(),
+            np.broadcast_to(np.sqrt(var), m.shape).reshape(-1).copy())
 
 
 def _moments(x: Any, d: int, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
@@ -291,6 +310,8 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
 
     n, d = len(x_train), cfg.input_dim
     mu, sd = _moments(x_train, d)
+    if cfg.front:  # a convolution sees every position alike: one mean and spread per input channel
+        mu, sd = per_channel(mu, sd, cfg.sample_shape)
     sd, ignored = robust_scale(sd)
     if ignored:
         notes.append(f"{ignored:,} of {d:,} input features are constant over the transfer data (spread "
@@ -320,9 +341,10 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
         notes.append(f"--batch-size {fit_cfg.batch_size:,} is more than the {n:,} training samples: one "
                      f"step an epoch, of {bs:,}")
     if device.type == "cuda":  # the batch and the training rows sized to the GPU's free memory
-        plan = plan_cuda(count_params(padded), activation_bytes(d, cfg.rank, cfg.width, c_pad), bs, n,
-                         4 * (d + cfg.num_classes), torch.cuda.mem_get_info(device)[0], what=str(device),
-                         ddp=ranks > 1)
+        acts = d + 4 * sum(math.prod(ly.out_shape) for ly in cfg.layers() if ly.kind in ("conv", "pool"))
+        plan = plan_cuda(count_params(padded), activation_bytes(acts, cfg.rank, cfg.width, c_pad),
+                         bs, n, 4 * (d + cfg.num_classes), torch.cuda.mem_get_info(device)[0],
+                         what=str(device), ddp=ranks > 1)
         bs, plan_rows, eval_rows = plan.batch, plan.stream_rows or n, plan.eval_rows
         if ranks > 1:  # every rank must take the same steps: the tightest GPU decides for all
             import torch.distributed as dist

@@ -45,6 +45,7 @@ def out_writes(option: str, folder: str | Path, patterns: tuple[str, ...]) -> li
 class DistillOptions:
     width: int = 8000  # H
     rank: int | None = None  # k; None: min(250, D // 2)
+    student: str | None = None  # the paper's notation (64c-p-1200L-30k); replaces width and rank
     out_dir: str = "compress-out"
     fit: FitConfig = field(default_factory=FitConfig)
     output: str | None = None  # the teacher output to use; None: its first float output
@@ -113,13 +114,27 @@ def default_rank(input_dim: int) -> int:
 
 
 def student_config(sample_shape: tuple[int, ...], num_classes: int, width: int,
-                   rank: int | None) -> StudentConfig:
-    d = int(np.prod(sample_shape))
+                   rank: int | None, spec: str | None = None) -> StudentConfig:
+    """The student for this teacher: from `spec` (the paper's notation) when given, else width and
+    rank (None: default_rank of the input)."""
+    from compress.student import parse_spec
+
+    front: tuple[tuple[str, int, int], ...] = ()
+    if spec is not None:
+        front, rank, width = parse_spec(spec)
+    probe = StudentConfig(tuple(sample_shape), num_classes, width, 0, front)
+    try:
+        probe.validate()  # shapes through the convolutions and pooling: a bad token is named here
+    except ConfigError as e:  # named as the user wrote it, not as normalized (8c -> 8c3)
+        raise ConfigError(str(e).replace(f"--student {probe.spec}", f"--student {spec}")) from None
+    d = probe.head_dim
     k = default_rank(d) if rank is None else rank
     if k > d:
-        raise ConfigError(f"--rank: {k} is larger than the input size {d}; a bottleneck wider than "
-                          "its input saves nothing (use a rank below it, or 0 for none)")
-    cfg = StudentConfig(tuple(sample_shape), num_classes, width, k)
+        option = f"--student {spec}" if spec is not None else "--rank"
+        raise ConfigError(f"{option}: a bottleneck of {k} is larger than the {d} features it reads; a "
+                          "bottleneck wider than its input saves nothing (use a rank below it, or 0 for "
+                          "none)")
+    cfg = StudentConfig(tuple(sample_shape), num_classes, width, k, front)
     cfg.validate()
     return cfg
 
@@ -254,7 +269,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
             y_eval = data_mod.load_labels(eval_labels, x_eval.shape[0])
     train_idx, val_idx = holdout_split(x.shape[0], opts.fit.seed)
     probe = teacher.logits(np.asarray(x[0:1], dtype=np.float32))  # the class count; that it runs
-    cfg = student_config(sample_shape, probe.shape[1], opts.width, opts.rank)
+    cfg = student_config(sample_shape, probe.shape[1], opts.width, opts.rank, opts.student)
     for p in opts.precisions:
         refuse_too_large(cfg, p)
     budget = opts.memory_budget or default_memory_budget()
@@ -379,7 +394,8 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
         "teacher": {**cmp["teacher"], "output": sig.output_name, "output_kind": teacher.output_kind,
                     **({"members": members} if members else {})},
         "student": {**cmp["student"], "params": count_params(cfg), "width": cfg.width,
-                    "rank": cfg.rank, "input_dim": cfg.input_dim, "classes": cfg.num_classes},
+                    "rank": cfg.rank, "input_dim": cfg.input_dim, "classes": cfg.num_classes,
+                    "spec": cfg.spec, "layers": [layer.token for layer in cfg.layers()]},
         "fidelity": cmp["fidelity"],
         "export": {"path": str(Path(exp.path).resolve()), "max_abs_diff": exp.max_abs_diff,
                    "max_abs_diff_fp64": exp.max_abs_diff_fp64, "opset": 17},
@@ -430,7 +446,7 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
                         "logits per --data sample")
     data_mod.check_finite(z, targets, what="--targets")
     train_idx, val_idx = holdout_split(len(x), opts.fit.seed)
-    cfg = student_config(tuple(int(v) for v in x.shape[1:]), z.shape[1], opts.width, opts.rank)
+    cfg = student_config(tuple(int(v) for v in x.shape[1:]), z.shape[1], opts.width, opts.rank, opts.student)
     check_memory(cfg, opts.fit, 0)  # the data is in memory already
     out = Path(opts.out_dir)
     try:
@@ -468,7 +484,8 @@ def _fit_targets(x: np.ndarray, z: np.ndarray, train_idx: np.ndarray, val_idx: n
     zs = ev.run_onnx(exp.path, x[val_idx])
     report = {
         "student": {"params": count_params(cfg), "size_bytes": exp.size_bytes, "width": cfg.width,
-                    "rank": cfg.rank, "input_dim": cfg.input_dim, "classes": cfg.num_classes},
+                    "rank": cfg.rank, "input_dim": cfg.input_dim, "classes": cfg.num_classes,
+                    "spec": cfg.spec, "layers": [layer.token for layer in cfg.layers()]},
         "fidelity": {"agreement": ev.agreement(zs, z[val_idx]), "logit_rmse": ev.logit_rmse(zs, z[val_idx]),
                      "on": "the held-out 10% of --data"},
         "export": {"path": str(Path(exp.path).resolve()), "max_abs_diff": exp.max_abs_diff},

@@ -4,11 +4,21 @@
 
 k is the rank (0: no bottleneck, `Linear(D, H)`), H the width. The bottleneck factors the D x H
 input weights into D x k and k x H, which is what made training a 400k-wide SNN-MIMIC net feasible.
+
+A student may put convolution and pooling layers first (the paper's SNN-CNN-MIMIC, `64c-p-1200L-30k`):
+`parse_spec` reads the paper's notation into a StudentConfig, and `StudentConfig.layers()` is the one
+layer list, with every shape worked out, that building, counting, the ONNX writer and the report
+read. Which convolution the teacher's sample shape picks: (C, H, W) 2-D, channels first; (C, L) 1-D;
+(L,) 1-D over one channel. A convolutional student standardizes its input inside the model (a `norm`
+layer: per-channel mean and scale, two constants per input feature, not counted as parameters) rather
+than in its first weights: folding a per-feature scale into a convolution is not exact where the
+convolution reads zero padding.
 torch is imported only where a model is built, so parsing options stays cheap.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -23,32 +33,186 @@ _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000}
 FORMAT = "compress-student/1"  # student.pt's format tag; load_student reads this one only
 
 
+CONV_KERNEL = 3  # `<N>c` alone: a 3-wide (or 3x3) kernel, as in the paper's and Urban et al.'s students
+POOL_WINDOW = 2  # `p` alone: max pooling over 2 (or 2x2), stride the same
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of a student, with its shapes per sample (no batch axis). `kind`: norm, unsqueeze,
+    conv, pool, flatten, bottleneck, hidden, out (the ReLUs after conv and hidden are implied)."""
+
+    kind: str
+    name: str  # the module's name in the torch Sequential and the prefix of its weights
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    size: int = 0  # filters (conv), units (bottleneck, hidden, out), window (pool)
+    kernel: int = 0  # conv kernel width
+    params: int = 0  # trained weights and biases
+    flops: int = 0  # 2 x multiply-adds per sample, forward
+
+    @property
+    def token(self) -> str:
+        return {"conv": f"{self.size}c{self.kernel}", "pool": f"p{self.size}"}.get(self.kind, self.kind)
+
+
 @dataclass(frozen=True)
 class StudentConfig:
-    sample_shape: tuple[int, ...]  # one input sample, without the batch axis; flattened to D
+    sample_shape: tuple[int, ...]  # one input sample, without the batch axis
     num_classes: int  # C, the teacher's logits
     width: int  # H, hidden ReLU units
     rank: int  # k, the linear bottleneck; 0 = none
+    front: tuple[tuple[str, int, int], ...] = ()  # ("c", filters, kernel) / ("p", window, 0), in order
 
     @property
     def input_dim(self) -> int:
+        """Features of one raw input sample."""
         return math.prod(self.sample_shape)
+
+    @property
+    def head_dim(self) -> int:
+        """D of the head: features reaching the bottleneck (or the hidden layer), after any conv/pool."""
+        return math.prod(self.layers()[-4 if self.rank > 0 else -3].in_shape)
+
+    @property
+    def spec(self) -> str:
+        """The student in the paper's notation: `64c3-p2-1200L-30k`, `250L-400k`, `8k`."""
+        tokens = [f"{a}c{b}" if kind == "c" else f"p{a}" for kind, a, b in self.front]
+        return "-".join([*tokens, *([f"{self.rank}L"] if self.rank else []), format_width(self.width)])
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["sample_shape"] = list(self.sample_shape)
+        d["front"] = [list(t) for t in self.front]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
+        front = tuple((str(t[0]), int(t[1]), int(t[2])) for t in d.get("front", []))
         return cls(tuple(int(v) for v in d["sample_shape"]), int(d["num_classes"]), int(d["width"]),
-                   int(d["rank"]))
+                   int(d["rank"]), front)
 
     def validate(self) -> None:
         if self.width < 1:
             raise ConfigError(f"--width: must be at least 1, got {self.width}")
         if self.rank < 0:
             raise ConfigError(f"--rank: must be 0 (no bottleneck) or more, got {self.rank}")
+        self.layers()
+
+    def layers(self) -> tuple[Layer, ...]:
+        """The layer list every stage reads, shapes worked out; ConfigError naming a token that
+        cannot apply to this input (a conv on a flat vector of features is fine: (L,) is a signal)."""
+        out: list[Layer] = []
+        shape = tuple(self.sample_shape)
+        if self.front:
+            if len(shape) not in (1, 2, 3):
+                raise ConfigError(f"--student {self.spec}: convolution needs a teacher input of shape (L,), "
+                                  f"(C, L) or (C, H, W); this teacher's samples are {shape}")
+            out.append(Layer("norm", "norm", shape, shape))
+            if len(shape) == 1:
+                out.append(Layer("unsqueeze", "unsqueeze", shape, (1, shape[0])))
+                shape = (1, shape[0])
+            for i, (kind, a, b) in enumerate(self.front):
+                if kind == "c":
+                    spatial = math.prod(shape[1:])
+                    w = a * shape[0] * b ** (len(shape) - 1)
+                    new = (a, *shape[1:])
+                    out.append(Layer("conv", f"conv{i}", shape, new, a, b, w + a, 2 * w * spatial))
+                else:
+                    new = (shape[0], *(n // a for n in shape[1:]))
+                    if min(new[1:]) < 1:
+                        raise ConfigError(f"--student {self.spec}: token 'p{a}' pools {shape[1:]} below 1")
+                    out.append(Layer("pool", f"pool{i}", shape, new, a))
+                shape = new
+        d = math.prod(shape)
+        out.append(Layer("flatten", "flatten", shape, (d,)))
+        if self.rank > 0:
+            out.append(Layer("bottleneck", "bottleneck", (d,), (self.rank,), self.rank, 0, d * self.rank,
+                             2 * d * self.rank))
+            d = self.rank
+        out.append(Layer("hidden", "hidden", (d,), (self.width,), self.width, 0, d * self.width + self.width,
+                         2 * d * self.width))
+        out.append(Layer("out", "out", (self.width,), (self.num_classes,), self.num_classes, 0,
+                         self.width * self.num_classes + self.num_classes, 2 * self.width * self.num_classes))
+        return tuple(out)
+
+
+def conv_kind(sample_shape: tuple[int | None, ...] | None) -> str:
+    """What a conv token (`<N>c`) means for a teacher with samples of this shape (`compress inspect`)."""
+    if sample_shape is None or any(not isinstance(v, int) or v < 1 for v in sample_shape):
+        return "decided by the data's sample shape: (C, H, W) 2-D, (C, L) 1-D, (L,) 1-D over one channel"
+    if len(sample_shape) == 3:
+        return f"2-D over {sample_shape[0]} channel(s) of {sample_shape[1]}x{sample_shape[2]}"
+    if len(sample_shape) == 2:
+        return f"1-D over {sample_shape[0]} channel(s) of length {sample_shape[1]}"
+    if len(sample_shape) == 1:
+        return f"1-D over one channel of length {sample_shape[0]} (a flat signal)"
+    return f"none: samples of shape {tuple(sample_shape)} take MLP students only (--width/--rank, <k>L-<H>)"
+
+
+def format_width(n: int) -> str:
+    """30000 -> '30k', 1500000 -> '1.5M', 512 -> '512': what parse_width reads back to n."""
+    for suffix, unit in (("M", 1_000_000), ("k", 1_000)):
+        if n >= unit and n % (unit // 1000 if unit > 1000 else 1) == 0:
+            v = n / unit
+            if v == int(v):
+                return f"{int(v)}{suffix}"
+            if n % (unit // 10) == 0 and suffix == "M":
+                return f"{v:g}{suffix}"
+    return str(n)
+
+
+def parse_spec(text: str) -> tuple[tuple[tuple[str, int, int], ...], int, int]:
+    """The paper's notation -> (front, rank, width). Tokens joined by '-', input to output: `<N>c[<K>]`
+    a convolution (N filters, odd kernel K, default CONV_KERNEL, stride 1, same padding) + ReLU; `p[<K>]`
+    max pooling (window and stride K, default POOL_WINDOW); `<k>L` the linear bottleneck; `<H>` the wide
+    ReLU layer, last (8k, 30k, 400k, 1.5M). ConfigError naming the offending token."""
+    tokens = [t.strip() for t in str(text).split("-")]
+
+    def bad(token: str, why: str) -> ConfigError:
+        return ConfigError(f"--student {text}: token '{token}' {why}")
+
+    if not tokens or not tokens[-1]:
+        raise ConfigError(f"--student {text}: empty; use e.g. 250L-8k or 64c-p-1200L-30k")
+    front: list[tuple[str, int, int]] = []
+    rank = 0
+    for i, t in enumerate(tokens[:-1]):
+        if m := re.fullmatch(r"(\d+)c(\d*)", t):
+            if rank:
+                raise bad(t, "is a convolution after the bottleneck; convolutions and pooling come first")
+            n, k = int(m.group(1)), int(m.group(2) or CONV_KERNEL)
+            if n < 1 or k < 1 or k % 2 == 0:
+                raise bad(t, "needs at least 1 filter and an odd kernel (same padding on both sides)")
+            front.append(("c", n, k))
+        elif m := re.fullmatch(r"p(\d*)", t):
+            if rank:
+                raise bad(t, "is pooling after the bottleneck; convolutions and pooling come first")
+            k = int(m.group(1) or POOL_WINDOW)
+            if k < 1:
+                raise bad(t, "needs a window of at least 1")
+            front.append(("p", k, 0))
+        elif m := re.fullmatch(r"(\d+)L", t):
+            if rank or i != len(tokens) - 2:
+                raise bad(t, "must be the one bottleneck, right before the hidden width")
+            rank = int(m.group(1))
+            if rank < 1:
+                raise bad(t, "needs at least 1 unit (leave the token out for no bottleneck)")
+        else:
+            try:
+                parse_width(t)
+            except ValueError:
+                raise bad(t, "is not <N>c[<K>], p[<K>], <k>L or a width") from None
+            raise bad(t, "is a width before the end; the wide layer is last (a conv or pool after it "
+                         "cannot be)")
+    last = tokens[-1]
+    if re.fullmatch(r"\d+c\d*|p\d*", last):
+        raise bad(last, "comes after everything; the last token is the hidden width (e.g. 8k)")
+    try:
+        width = parse_width(last)
+    except ValueError:
+        raise bad(last, "is not a width (8000, 8k, 400k, 1.5M); the last token is the hidden layer"
+                  ) from None
+    return tuple(front), rank, width
 
 
 def parse_width(text: str | int) -> int:
@@ -66,17 +230,14 @@ def parse_width(text: str | int) -> int:
 
 
 def count_params(cfg: StudentConfig) -> int:
-    """D*k + k*H + H + H*C + C with a bottleneck, D*H + H + H*C + C without (from the config alone)."""
-    d, k, h, c = cfg.input_dim, cfg.rank, cfg.width, cfg.num_classes
-    first = d * k + k * h + h if k > 0 else d * h + h
-    return first + h * c + c
+    """Trained weights, from the layer list: D*k + k*H + H + H*C + C with a bottleneck, D*H + H + H*C + C
+    without, plus each convolution's filters and biases (D then counts the features after them)."""
+    return sum(layer.params for layer in cfg.layers())
 
 
 def flops_per_sample(cfg: StudentConfig) -> int:
-    """Multiply-adds x 2 for one forward pass; forward + backward is about 3x this."""
-    d, k, h, c = cfg.input_dim, cfg.rank, cfg.width, cfg.num_classes
-    weights = (d * k + k * h if k > 0 else d * h) + h * c
-    return 2 * weights
+    """Multiply-adds x 2 for one forward pass, convolutions included; forward + backward is about 3x."""
+    return sum(layer.flops for layer in cfg.layers())
 
 
 def build_student(cfg: StudentConfig) -> torch.nn.Sequential:
@@ -86,15 +247,52 @@ def build_student(cfg: StudentConfig) -> torch.nn.Sequential:
     from torch import nn
 
     cfg.validate()
-    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
-    if cfg.rank > 0:
-        layers["bottleneck"] = nn.Linear(cfg.input_dim, cfg.rank, bias=False)  # (N, D) -> (N, k)
-        layers["hidden"] = nn.Linear(cfg.rank, cfg.width)  # (N, k) -> (N, H)
-    else:
-        layers["hidden"] = nn.Linear(cfg.input_dim, cfg.width)  # (N, D) -> (N, H)
-    layers["relu"] = nn.ReLU()
-    layers["out"] = nn.Linear(cfg.width, cfg.num_classes)  # (N, H) -> (N, C)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for layer in cfg.layers():
+        if layer.kind == "norm":
+            layers["norm"] = _standardize_class()(layer.in_shape)  # identity until fit sets it
+        elif layer.kind == "unsqueeze":
+            layers["unsqueeze"] = nn.Unflatten(1, layer.out_shape)  # (N, L) -> (N, 1, L)
+        elif layer.kind == "conv":
+            conv = nn.Conv2d if len(layer.in_shape) == 3 else nn.Conv1d
+            layers[layer.name] = conv(layer.in_shape[0], layer.size, layer.kernel, padding=layer.kernel // 2)
+            layers[layer.name.replace("conv", "relu")] = nn.ReLU()
+        elif layer.kind == "pool":
+            layers[layer.name] = (nn.MaxPool2d if len(layer.in_shape) == 3 else nn.MaxPool1d)(layer.size)
+        elif layer.kind == "flatten":
+            layers["flatten"] = nn.Flatten()  # (N, ...) -> (N, D)
+        elif layer.kind == "bottleneck":
+            layers["bottleneck"] = nn.Linear(layer.in_shape[0], layer.size, bias=False)  # (N, D) -> (N, k)
+        elif layer.kind == "hidden":
+            layers["hidden"] = nn.Linear(layer.in_shape[0], layer.size)  # (N, k or D) -> (N, H)
+            layers["relu"] = nn.ReLU()
+        else:
+            layers["out"] = nn.Linear(layer.in_shape[0], layer.size)  # (N, H) -> (N, C)
     return nn.Sequential(layers)
+
+
+@functools.cache
+def _standardize_class() -> type:
+    from torch import nn
+
+    class Standardize(nn.Module):
+        """(x - mean) * scale with constant per-feature buffers (per channel, repeated over positions):
+        a convolutional student's input standardization, kept in the model so that it is exact at
+        the convolution's zero-padded borders. Buffers, not parameters: nothing trains them."""
+
+        def __init__(self, shape: tuple[int, ...]) -> None:
+            import torch
+
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(shape))
+            self.register_buffer("scale", torch.ones(shape))
+
+        def forward(self, x: Any) -> Any:  # (N, *shape), or (N, D) as training feeds it
+            return (x.reshape(x.shape[0], *self.mean.shape) - self.mean) * self.scale
+
+    return Standardize
+
+
 
 
 def save_student(model: torch.nn.Module, cfg: StudentConfig, path: str, meta: dict[str, Any],

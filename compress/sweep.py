@@ -33,7 +33,7 @@ Progress = Callable[[str, dict[str, Any]], None]
 
 def train_on_labels(data: str | Path, labels: str | Path, width: int, rank: int | None,
                     opts: DistillOptions, x_eval: np.ndarray | None, y_eval: np.ndarray | None,
-                    ) -> dict[str, Any]:
+                    spec: str | None = None) -> dict[str, Any]:
     """The same student trained on the transfer data's labels: what shallow nets get without a teacher."""
     import torch
 
@@ -46,7 +46,7 @@ def train_on_labels(data: str | Path, labels: str | Path, width: int, rank: int 
     classes = int(max(y.max(), y_eval.max() if y_eval is not None else 0)) + 1
     onehot = np.eye(classes, dtype=np.float32)[y]
     train_idx, val_idx = holdout_split(len(x), opts.fit.seed)
-    cfg = student_config(tuple(int(v) for v in x.shape[1:]), classes, width, rank)
+    cfg = student_config(tuple(int(v) for v in x.shape[1:]), classes, width, rank, spec)
     res = fit(x[train_idx], onehot[train_idx], x[val_idx], onehot[val_idx], cfg,
               dataclasses.replace(opts.fit, loss="ce"))
     acc = None
@@ -54,17 +54,19 @@ def train_on_labels(data: str | Path, labels: str | Path, width: int, rank: int 
         with torch.no_grad():
             s = res.model(torch.from_numpy(np.array(x_eval))).numpy()  # a copy: x_eval is read-only
         acc = float((s.argmax(1) == y_eval).mean())
-    return {"kind": "labels", "width": cfg.width, "rank": cfg.rank, "params": count_params(cfg),
-            "accuracy": acc, "fit_seconds": res.seconds}
+    return {"kind": "labels", "width": cfg.width, "rank": cfg.rank, "spec": cfg.spec,
+            "params": count_params(cfg), "accuracy": acc, "fit_seconds": res.seconds}
 
 
 def labels_record(data: str | Path, labels: str | Path, width: int, opts: DistillOptions,
-                  eval_data: str | Path | None, eval_labels: str | Path | None) -> dict[str, Any]:
+                  eval_data: str | Path | None, eval_labels: str | Path | None,
+                  spec: str | None = None) -> dict[str, Any]:
     """What a trained-on-labels row depends on (files by path, size and modification time)."""
     from compress.targets import data_key
 
     return json.loads(json.dumps({
         "data": data_key(data), "labels": data_key(labels), "width": width, "key": opts.key,
+        **({"spec": spec} if spec is not None else {}),
         "fit": dataclasses.asdict(opts.fit),
         "eval": [data_key(p) if p is not None else None for p in (eval_data, eval_labels)]}))
 
@@ -77,37 +79,55 @@ def _reuse(path: Path, record: dict[str, Any]) -> dict[str, Any] | None:
     return saved["row"] if isinstance(saved, dict) and saved.get("run") == record else None
 
 
+Student = tuple[str, int, int, "str | None"]  # (folder name, width, rank, spec)
+
+
+def plan(widths: list[int], ranks: list[int], students: list[str] | None) -> list[Student]:
+    """The students of a sweep: every (width, rank), or the specs given (`--students`)."""
+    from compress.student import parse_spec
+
+    if students:
+        out = []
+        for spec in students:
+            _, rank, width = parse_spec(spec)
+            out.append((f"s_{spec}", width, rank, spec))
+        return out
+    if not widths or not ranks:
+        raise ConfigError("--widths/--ranks: give at least one of each")
+    return [(f"w{w}_k{k}", w, k, None) for w in widths for k in ranks]
+
+
 def sweep(teachers: list[str | Path], data: str | Path, widths: list[int], ranks: list[int],
           opts: DistillOptions, eval_data: str | Path | None = None, eval_labels: str | Path | None = None,
-          train_labels: str | Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Distill every (width, rank) into out_dir/w<width>_k<rank>/, write sweep.json/.md and sweep.png.
+          train_labels: str | Path | None = None, progress: Progress | None = None,
+          students: list[str] | None = None) -> dict[str, Any]:
+    """Distill every (width, rank) into out_dir/w<width>_k<rank>/ (or every spec of `students`, the
+    paper's notation, into out_dir/s_<spec>/), write sweep.json/.md and sweep.png.
 
     With `opts.resume`, students that finished with the same inputs and options are kept (their rows
     say "reused"), the one that was interrupted continues from its checkpoint, and trained-on-labels
-    rows are kept likewise (out_dir/labels_w<width>.json)."""
+    rows are kept likewise (out_dir/labels_w<width>.json, labels_s_<spec>.json)."""
 
-    if not widths or not ranks:
-        raise ConfigError("--widths/--ranks: give at least one of each")
+    todo = plan(widths, ranks, students)
     out = Path(opts.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
-    writes = out_writes("--out", out, (*DISTILL_WRITES, "sweep.*", "labels_w*.json"))
-    for w in widths:
-        for k in ranks:
-            writes += out_writes("--out", out / f"w{w}_k{k}", DISTILL_WRITES)
+    writes = out_writes("--out", out, (*DISTILL_WRITES, "sweep.*", "labels_*.json"))
+    for name, *_ in todo:
+        writes += out_writes("--out", out / name, DISTILL_WRITES)
     refuse_overwrite({"TEACHER": list(teachers), "--data": data, "--eval-data": eval_data,
                       "--eval-labels": eval_labels, "--train-labels": train_labels}, writes)
-    _check_upfront(teachers, data, widths, ranks, opts, eval_data, eval_labels, train_labels)
+    _check_upfront(teachers, data, todo, opts, eval_data, eval_labels, train_labels)
     with exclusive(out / LOCK, f"--out {out}"):  # the students' folders and their shared logit cache
-        return _sweep(teachers, data, widths, ranks, opts, eval_data, eval_labels, train_labels, progress)
+        return _sweep(teachers, data, todo, opts, eval_data, eval_labels, train_labels, progress)
 
 
-def _check_upfront(teachers: list[str | Path], data: str | Path, widths: list[int], ranks: list[int],
-                   opts: DistillOptions,
+def _check_upfront(teachers: list[str | Path], data: str | Path, todo: list[Student], opts: DistillOptions,
                    eval_data: str | Path | None, eval_labels: str | Path | None,
                    train_labels: str | Path | None) -> None:
-    """What would otherwise fail after the first student: ranks wider than the input, and
-    --train-labels that do not fit the data or the teacher's classes."""
+    """What would otherwise fail after the first student: a student that does not fit the input (a
+    rank wider than it, pooling below 1), or memory, and --train-labels that do not fit the data or
+    the teacher's classes."""
     from compress import data as data_mod
     from compress.pipeline import check_device, check_memory
     from compress.teachers import load_teacher
@@ -119,16 +139,14 @@ def _check_upfront(teachers: list[str | Path], data: str | Path, widths: list[in
     teacher = load_teacher(list(teachers), output=opts.output, device="cpu", arch=opts.arch,
                            trust_pickle=opts.trust_pickle)
     x = data_mod.open_inputs(data, teacher.signature.sample_shape, what="--data", key=opts.key)
-    d = int(np.prod(x.shape[1:]))
-    for k in ranks:
-        if k > d:
-            raise ConfigError(f"--ranks: {k} is larger than the input size {d}; a bottleneck wider than "
-                              "its input saves nothing")
+    shape = tuple(int(v) for v in x.shape[1:])
     classes = teacher.logits(np.asarray(x[0:1], dtype=np.float32)).shape[1]
-    for w in widths:
-        for k in ranks:
-            check_memory(student_config(tuple(int(v) for v in x.shape[1:]), classes, w, k), opts.fit, 0,
-                         option="--widths")
+    for _, w, k, spec in todo:
+        try:
+            cfg = student_config(shape, classes, w, k, spec)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("--rank:", "--ranks:", 1)) from None
+        check_memory(cfg, opts.fit, 0, option="--students" if spec else "--widths")
     if train_labels is not None:
         y = data_mod.load_labels(train_labels, len(x), what="--train-labels", data_what="--data")
         if int(y.max()) >= classes:
@@ -136,8 +154,8 @@ def _check_upfront(teachers: list[str | Path], data: str | Path, widths: list[in
                               f"gives {classes} classes")
 
 
-def _sweep(teachers: list[str | Path], data: str | Path, widths: list[int], ranks: list[int],
-           opts: DistillOptions, eval_data: str | Path | None, eval_labels: str | Path | None,
+def _sweep(teachers: list[str | Path], data: str | Path, todo: list[Student], opts: DistillOptions,
+           eval_data: str | Path | None, eval_labels: str | Path | None,
            train_labels: str | Path | None, progress: Progress | None) -> dict[str, Any]:
     """sweep(), with its folder locked."""
     from compress import data as data_mod
@@ -145,36 +163,39 @@ def _sweep(teachers: list[str | Path], data: str | Path, widths: list[int], rank
     out = Path(opts.out_dir)
     rows: list[dict[str, Any]] = []
     teacher: dict[str, Any] = {}
-    total = len(widths) * len(ranks) + (len(widths) if train_labels is not None else 0)
-    for w in widths:
-        for k in ranks:
-            sub = out / f"w{w}_k{k}"
-            # --resume per student only where it left something: elsewhere it would note "no checkpoint"
-            resume = opts.resume and ((sub / "report.json").exists() or (sub / "checkpoint.pt").exists())
-            run = dataclasses.replace(opts, width=w, rank=k, out_dir=str(sub), cache_dir=str(out),
-                                      resume=resume)
-            r = distill(teachers, data, run, eval_data, eval_labels, progress=progress)
-            assert r is not None  # sweep runs in one process
-            teacher = r["teacher"]
-            lat = r["student"]["latency_ms"]
-            rows.append({"kind": "mimic", "width": w, "rank": k, "params": r["student"]["params"],
-                         "accuracy": r["student"]["accuracy"], "agreement": r["fidelity"]["agreement"],
-                         "latency_ms_batch1_p50": lat.get("1", {}).get("p50"),
-                         "fit_seconds": r["train"]["seconds"], "path": r["export"]["path"],
-                         "reused": bool(r.get("reused"))})
-            if progress:
-                progress("sweep", {"done": len(rows), "total": total})
+    # on labels: one per width of the grid (no bottleneck, the paper's baseline), or one per spec
+    on_labels = ([(f"s_{spec}", w, k, spec) for _, w, k, spec in todo] if todo[0][3] is not None
+                 else [(f"w{w}", w, 0, None) for w in dict.fromkeys(w for _, w, _, _ in todo)])
+    total = len(todo) + (len(on_labels) if train_labels is not None else 0)
+    for name, w, k, spec in todo:
+        sub = out / name
+        # --resume per student only where it left something: elsewhere it would note "no checkpoint"
+        resume = opts.resume and ((sub / "report.json").exists() or (sub / "checkpoint.pt").exists())
+        run = dataclasses.replace(opts, width=w, rank=k, student=spec, out_dir=str(sub), cache_dir=str(out),
+                                  resume=resume)
+        r = distill(teachers, data, run, eval_data, eval_labels, progress=progress)
+        assert r is not None  # sweep runs in one process
+        teacher = r["teacher"]
+        lat = r["student"]["latency_ms"]
+        rows.append({"kind": "mimic", "width": w, "rank": k, "spec": r["student"]["spec"],
+                     "params": r["student"]["params"],
+                     "accuracy": r["student"]["accuracy"], "agreement": r["fidelity"]["agreement"],
+                     "latency_ms_batch1_p50": lat.get("1", {}).get("p50"),
+                     "fit_seconds": r["train"]["seconds"], "path": r["export"]["path"],
+                     "reused": bool(r.get("reused"))})
+        if progress:
+            progress("sweep", {"done": len(rows), "total": total})
     if train_labels is not None:
         x_eval = y_eval = None
         if eval_data is not None and eval_labels is not None:
             x_eval = data_mod.load_inputs(eval_data, None, what="--eval-data", key=opts.key)
             y_eval = data_mod.load_labels(eval_labels, len(x_eval))
-        for w in widths:
-            path = out / f"labels_w{w}.json"
-            record = labels_record(data, train_labels, w, opts, eval_data, eval_labels)
+        for name, w, k, spec in on_labels:
+            path = out / f"labels_{name}.json"
+            record = labels_record(data, train_labels, w, opts, eval_data, eval_labels, spec)
             row = _reuse(path, record) if opts.resume else None
             if row is None:
-                row = train_on_labels(data, train_labels, w, 0, opts, x_eval, y_eval)
+                row = train_on_labels(data, train_labels, w, k, opts, x_eval, y_eval, spec)
                 with atomic_path(path) as tmp:
                     Path(tmp).write_text(jsonio.dumps({"run": record, "row": row}) + "\n")
                 row["reused"] = False
@@ -202,12 +223,13 @@ def render(result: dict[str, Any]) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     params = f"{t['params']:,}" if t.get("params") is not None else "?"
     lines = [f"# Sweep: teacher `{t['name']}`, {params} parameters, accuracy {pct(t['accuracy'])}",
-             "", "| student | width | rank | params | accuracy | agreement | latency b1 p50 | fit s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| student | spec | width | rank | params | accuracy | agreement | latency b1 p50 | fit s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
         lat = r.get("latency_ms_batch1_p50")
         lines.append(f"| {'mimic (SNN-MIMIC)' if r['kind'] == 'mimic' else 'trained on labels'} | "
-                     f"{r['width']:,} | {r['rank']} | {r['params']:,} | {pct(r['accuracy'])} | "
+                     f"{r.get('spec', '-')} | {r['width']:,} | {r['rank']} | {r['params']:,} | "
+                     f"{pct(r['accuracy'])} | "
                      f"{pct(r.get('agreement'))} | {'-' if lat is None else f'{lat:.3f} ms'} | "
                      f"{r['fit_seconds']:.1f} |")
     return "\n".join(lines) + "\n\n![accuracy against parameters](sweep.png)\n"
@@ -220,8 +242,13 @@ def series(result: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
         score = r["accuracy"] if r["accuracy"] is not None else r.get("agreement")
         if score is None:
             continue
-        name = (f"SNN-MIMIC, rank {r['rank']}" if r["rank"] else "SNN-MIMIC, no bottleneck") \
-            if r["kind"] == "mimic" else "shallow net on labels"
+        convs = str(r.get("spec", "")).count("c")
+        if convs:  # a series per family: one conv layer (SNN-CNN-MIMIC), or several (Urban et al.)
+            family = "SNN-CNN-MIMIC" if convs == 1 else f"{convs}-conv MIMIC"
+            name = family if r["kind"] == "mimic" else f"{family} shape on labels"
+        else:
+            name = (f"SNN-MIMIC, rank {r['rank']}" if r["rank"] else "SNN-MIMIC, no bottleneck") \
+                if r["kind"] == "mimic" else "shallow net on labels"
         curves.setdefault(name, []).append((r["params"], score))
     return {k: sorted(v) for k, v in curves.items()}
 

@@ -94,6 +94,15 @@ BAD = [
     ("fit --data x.npy --targets run/report.json --out d", "--targets"),
     ("sweep t.onnx --data x.npy --widths 400M --out s", "--widths"),
     ("demo --width 400M --transfer 1000 --out run", "--width"),
+    # students in the paper's notation
+    ("distill t.onnx --data x.npy --student 64c-8k-p --out d", "'8k'"),
+    ("distill t.onnx --data x.npy --student x-8k --out d", "'x'"),
+    ("distill t.onnx --data x.npy --student 8c-p128-1k --out d", "'p128'"),
+    ("distill t.onnx --data x.npy --student 64c4-8k --out d", "'64c4'"),
+    ("distill t.onnx --data x.npy --student 250L-8k --width 8k --out d", "--student"),
+    ("distill t.onnx --data x.npy --student 100L-8k --out d", "--student 100L-8k"),
+    ("fit --data x.npy --targets x.npy --student 16L-64 --rank 3 --out d", "--student"),
+    ("sweep t.onnx --data x.npy --students 8c-p-1k,p-p --out s", "--student p-p"),
     # names
     ("fit --data x.npy --targets x.npy --input-name '' --out d", "--input-name"),
     ("fit --data x.npy --targets x.npy --input-name a --output-name a --out d", "--output-name"),

@@ -31,7 +31,7 @@ def test_sweep_table_and_figure(tmp_path, digits_files):
     for w, k in ((64, 0), (512, 16)):
         assert (out / f"w{w}_k{k}" / "student.onnx").exists()
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| mimic (SNN-MIMIC) | 512 | 16 |" in (out / "sweep.md").read_text()
+    assert "| mimic (SNN-MIMIC) | 16L-512 | 512 | 16 |" in (out / "sweep.md").read_text()
     names = plot_sweep(r, tmp_path / "again.png")
     assert names == ["SNN-MIMIC, no bottleneck", "SNN-MIMIC, rank 16", "shallow net on labels", "teacher"]
 

@@ -27,6 +27,7 @@ from compress.cli.options import (
     RankType,
     SizeType,
     WidthType,
+    check_student_spec,
     emit,
     export_options,
     fit_options,
@@ -164,8 +165,9 @@ def say_notes(report: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
 def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_labels: Path | None,
             out_dir: Path, output: str | None, arch: str | None, trust_pickle: bool, key: str | None,
-            width: int, rank: int | None, epochs: int | None, batch_size: int, lr: float, loss: str,
-            temperature: float, device: str, seed: int, engine: str, precision: str, min_agreement: float,
+            width: int, rank: int | None, student_spec: str | None, epochs: int | None, batch_size: int,
+            lr: float, loss: str, temperature: float, device: str, seed: int, engine: str, precision: str,
+            min_agreement: float,
             quantize: str, augment: str | None, memory_budget: int | None, resume: bool,
             bench_seconds: float, as_json: bool) -> None:
     """Distill TEACHER (several: their ensemble) into a wide, shallow student.
@@ -176,8 +178,9 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
     from compress.pipeline import DistillOptions
     from compress.pipeline import distill as run
 
+    check_student_spec(click.get_current_context(), student_spec)
     opts = DistillOptions(
-        width=width, rank=rank, out_dir=str(out_dir), output=output, key=key,
+        width=width, rank=rank, student=student_spec, out_dir=str(out_dir), output=output, key=key,
         precisions=parse_precisions(precision), min_agreement=min_agreement, quantize=quantize,
         arch=arch, trust_pickle=trust_pickle, latency_budget_s=bench_seconds, augment=augment,
         memory_budget=memory_budget, resume=resume,
@@ -252,6 +255,9 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
               help="Labels for --data: adds the same shallow nets trained on labels (the paper's baseline).")
 @click.option("--widths", default="512,4k,16k", show_default=True, help="Comma-separated widths.")
 @click.option("--ranks", default="0,32", show_default=True, help="Comma-separated ranks (0: none).")
+@click.option("--students", default=None, metavar="SPEC,SPEC,...",
+              help="Students in the paper's notation instead of the --widths x --ranks grid "
+                   "(e.g. 32c5-p-4k,64L-8k).")
 @click.option("--out", "out_dir", default="compress-sweep", show_default=True,
               type=click.Path(path_type=Path), help="Output folder (one subfolder per student).")
 @teacher_options
@@ -264,7 +270,8 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
               help="Keep the students an interrupted sweep finished; continue the one it was training.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_labels: Path | None,
-          train_labels: Path | None, widths: str, ranks: str, out_dir: Path, output: str | None,
+          train_labels: Path | None, widths: str, ranks: str, students: str | None, out_dir: Path,
+          output: str | None,
           arch: str | None, trust_pickle: bool, key: str | None, epochs: int | None, seed: int,
           bench_seconds: float, resume: bool, as_json: bool) -> None:
     """Distill one student per (width, rank) from one logit cache; table and accuracy-vs-parameters figure."""
@@ -279,6 +286,20 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
         except click.BadParameter as e:
             raise click.BadParameter(e.message, param_hint=hint) from None
 
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    specs = [t.strip() for t in students.split(",") if t.strip()] if students is not None else None
+    if specs is not None:
+        if not specs:
+            raise click.BadParameter("give at least one student, e.g. 32c5-p-4k", param_hint="'--students'")
+        if any(ctx.get_parameter_source(n) != ParameterSource.DEFAULT for n in ("widths", "ranks")):
+            raise click.BadParameter("give the students either as --students or as --widths/--ranks, "
+                                     "not both", param_hint="'--students'")
+        from compress.student import parse_spec
+
+        for spec in specs:
+            parse_spec(spec)
     ws = parse_list(widths, WidthType(), "'--widths'")
     rs = [0 if r is None else r for r in parse_list(ranks, RankType(), "'--ranks'")]
     opts = DistillOptions(out_dir=str(out_dir), output=output, arch=arch, trust_pickle=trust_pickle,
@@ -289,7 +310,8 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
     def hint(started: float) -> str | None:
         # A student's report may be on disk before its progress event arrives: count both ways
         finished = sum(_newer(p, started) for p in [*out_dir.glob("w*_k*/report.json"),
-                                                     *out_dir.glob("labels_w*.json")])
+                                                     *out_dir.glob("labels_*.json"),
+                                                     *out_dir.glob("s_*/report.json")])
         n = max(done["done"], finished)
         if n or any(_newer(ck, started) for ck in out_dir.glob("w*_k*/checkpoint.pt")):
             return (f"{n} of {done['total']} students are finished; the same command with "
@@ -303,7 +325,7 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
             view.update(stage, info)
 
         result = run(list(teachers), data, ws, rs, opts, eval_data, eval_labels, train_labels,
-                     progress=update)
+                     progress=update, students=specs)
     if as_json:
         click.echo(jsonio.dumps(result))
     else:
@@ -324,14 +346,17 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
 @click.option("--resume", is_flag=True, help="Continue an interrupted fit from --out/checkpoint.pt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, input_name: str,
-                output_name: str, width: int, rank: int | None, epochs: int | None, batch_size: int,
+                output_name: str, width: int, rank: int | None, student_spec: str | None,
+                epochs: int | None, batch_size: int,
                 lr: float, loss: str, temperature: float, device: str, seed: int, engine: str, resume: bool,
                 as_json: bool) -> None:
     """Fit a student to logits computed earlier (compress targets): no teacher needed."""
     from compress.fit import FitConfig
     from compress.pipeline import DistillOptions, fit_targets
 
-    opts = DistillOptions(width=width, rank=rank, out_dir=str(out_dir), key=key, resume=resume,
+    check_student_spec(click.get_current_context(), student_spec)
+    opts = DistillOptions(width=width, rank=rank, student=student_spec, out_dir=str(out_dir), key=key,
+                          resume=resume,
                           fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                                         temperature=temperature, device=device, seed=seed,
                                         engine=engine))
@@ -344,7 +369,8 @@ def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, 
         click.echo(jsonio.dumps(report))
     else:
         t, f = report["train"], report["fidelity"]
-        console.print(f"Student width {report['student']['width']:,}, rank {report['student']['rank']}, "
+        console.print(f"Student {report['student']['spec']} (width {report['student']['width']:,}, rank "
+                      f"{report['student']['rank']}), "
                       f"{report['student']['params']:,} parameters: agreement {100 * f['agreement']:.2f}% "
                       f"with the targets on the held-out 10%; {t['epochs']} epochs in {t['seconds']:.1f} s "
                       f"({t['samples_per_second']:,.0f} samples/s). Wrote {out_dir}/student.onnx, "

@@ -108,6 +108,10 @@ def fit_options(f: Any) -> Any:
                      help="Hidden ReLU units H: 8000, 8k, 400k, 1.5M."),
         click.option("--rank", type=RankType(), default="auto", show_default=True,
                      help="Linear bottleneck k (0: none; auto: min(250, inputs/2))."),
+        click.option("--student", "student_spec", default=None, metavar="SPEC",
+                     help="The student in the paper's notation, input to output: 64c-p-1200L-30k "
+                          "(conv, pooling, bottleneck, width), 250L-400k (= --width 400k --rank 250). "
+                          "Not with --width/--rank."),
         click.option("--epochs", type=EPOCHS, default=None,
                      help="Passes over the transfer data [default: about 4,000 steps, 10..300]."),
         click.option("--batch-size", type=BATCH, default=d.batch_size, show_default=True,
@@ -129,6 +133,22 @@ def fit_options(f: Any) -> Any:
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+def check_student_spec(ctx: click.Context, spec: str | None) -> None:
+    """--student with --width or --rank: refused (two descriptions of one student); a malformed spec:
+    refused here, before any model is loaded."""
+    from click.core import ParameterSource
+
+    if spec is None:
+        return
+    for name in ("width", "rank"):
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
+            raise click.BadParameter(f"give the student either as --student {spec} or with --width/--rank, "
+                                     "not both", param_hint="'--student'")
+    from compress.student import parse_spec
+
+    parse_spec(spec)
 
 
 def export_options(multiple: bool) -> Any:

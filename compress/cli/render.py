@@ -175,5 +175,7 @@ def print_description(info: dict[str, Any]) -> None:
         console.print(table)
     if info["usable"]:
         console.print(f"distill uses: {info['distill_uses']}")
+        if info.get("student_convolution"):
+            console.print(f"conv students (--student 32c-p-256L-8k): {info['student_convolution']}")
     else:
         console.print(f"[red]not usable as a teacher[/red]: {info['why']}")

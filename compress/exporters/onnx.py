@@ -105,28 +105,47 @@ def _graph(inits: list[onnx.TensorProto], cfg: StudentConfig, sig: Signature) ->
     dtype = helper.np_dtype_to_tensor_dtype(np.dtype(sig.input_dtype))
     x = helper.make_tensor_value_info(sig.input_name, dtype, ["batch", *cfg.sample_shape])
     y = helper.make_tensor_value_info(sig.output_name, TensorProto.FLOAT, ["batch", cfg.num_classes])
-    nodes = []
+    nodes, extra = [], []
     src = sig.input_name
     if dtype != TensorProto.FLOAT:
         nodes.append(helper.make_node("Cast", [src], [p + "x_float"], to=TensorProto.FLOAT))
         src = p + "x_float"
-    nodes.append(helper.make_node("Flatten", [src], [p + "flat"], axis=1))  # (N, D)
-    if cfg.rank > 0:
-        nodes.append(helper.make_node("Gemm", [p + "flat", p + "bottleneck.weight"], [p + "low_rank"],
-                                      name="bottleneck", transB=1))  # (N, D) -> (N, k)
-        nodes.append(helper.make_node("Gemm", [p + "low_rank", p + "hidden.weight", p + "hidden.bias"],
-                                      [p + "pre_relu"], name="hidden", transB=1))  # (N, k) -> (N, H)
-    else:
-        nodes.append(helper.make_node("Gemm", [p + "flat", p + "hidden.weight", p + "hidden.bias"],
-                                      [p + "pre_relu"], name="hidden", transB=1))  # (N, D) -> (N, H)
-    nodes.append(helper.make_node("Relu", [p + "pre_relu"], [p + "hidden_out"], name="relu"))
-    nodes.append(helper.make_node("Gemm", [p + "hidden_out", p + "out.weight", p + "out.bias"],
-                                  [sig.output_name], name="out", transB=1))  # (N, H) -> (N, C)
-    graph = helper.make_graph(nodes, "compress_student", [x], [y], initializer=inits)
+    for layer in cfg.layers():  # the one layer list (compress/student.py), input to output
+        name, v = layer.name, p + layer.name
+        if layer.kind == "norm":  # (x - mean) * scale, exact at the convolutions' padded borders
+            nodes.append(helper.make_node("Sub", [src, v + ".mean"], [v + "_centred"], name="norm_sub"))
+            nodes.append(helper.make_node("Mul", [v + "_centred", v + ".scale"], [v + "_out"], name="norm"))
+        elif layer.kind == "unsqueeze":  # (N, L) -> (N, 1, L): one channel
+            extra.append(helper.make_tensor(v + ".axes", TensorProto.INT64, [1], [1]))
+            nodes.append(helper.make_node("Unsqueeze", [src, v + ".axes"], [v + "_out"], name=name))
+        elif layer.kind == "conv":
+            dims = len(layer.in_shape) - 1
+            nodes.append(helper.make_node("Conv", [src, v + ".weight", v + ".bias"], [v + "_conv"],
+                                          name=name, kernel_shape=[layer.kernel] * dims,
+                                          pads=[layer.kernel // 2] * 2 * dims, strides=[1] * dims))
+            nodes.append(helper.make_node("Relu", [v + "_conv"], [v + "_out"], name=name + "_relu"))
+        elif layer.kind == "pool":
+            dims = len(layer.in_shape) - 1
+            nodes.append(helper.make_node("MaxPool", [src], [v + "_out"], name=name,
+                                          kernel_shape=[layer.size] * dims, strides=[layer.size] * dims))
+        elif layer.kind == "flatten":
+            nodes.append(helper.make_node("Flatten", [src], [v + "_out"], axis=1))  # (N, D)
+        elif layer.kind == "bottleneck":
+            nodes.append(helper.make_node("Gemm", [src, v + ".weight"], [v + "_out"], name=name,
+                                          transB=1))  # (N, D) -> (N, k)
+        elif layer.kind == "hidden":
+            nodes.append(helper.make_node("Gemm", [src, v + ".weight", v + ".bias"], [v + "_pre"], name=name,
+                                          transB=1))  # (N, k or D) -> (N, H)
+            nodes.append(helper.make_node("Relu", [v + "_pre"], [v + "_out"], name="relu"))
+        else:
+            nodes.append(helper.make_node("Gemm", [src, v + ".weight", v + ".bias"], [sig.output_name],
+                                          name=name, transB=1))  # (N, H) -> (N, C)
+        src = v + "_out"
+    graph = helper.make_graph(nodes, "compress_student", [x], [y], initializer=[*inits, *extra])
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                           producer_name="compress")
     m.ir_version = IR_VERSION
-    m.doc_string = (f"SNN-MIMIC student: width {cfg.width}, rank {cfg.rank}, "
+    m.doc_string = (f"SNN-MIMIC student {cfg.spec}: width {cfg.width}, rank {cfg.rank}, "
                     f"{cfg.input_dim} inputs, {cfg.num_classes} outputs")
     return m
 
@@ -169,6 +188,8 @@ def _check(path: str, model: torch.nn.Module, sig: Signature, x: np.ndarray) -> 
 def _forward64(model: torch.nn.Module, x: torch.Tensor, rows: int = 65_536) -> torch.Tensor:
     """The student in float64, a block of each layer's weight rows at a time: a float64 copy of a
     3 GB student's weights at once would take 6 GB."""
+    import copy
+
     import torch
     from torch import nn
 
@@ -177,13 +198,13 @@ def _forward64(model: torch.nn.Module, x: torch.Tensor, rows: int = 65_536) -> t
             x = layer(x)
         elif isinstance(layer, nn.ReLU):
             x = x.clamp_min(0)
+        elif not isinstance(layer, nn.Linear):  # norm, conv, pool: small; a float64 copy of each
+            x = copy.deepcopy(layer).double()(x)
         elif isinstance(layer, nn.Linear):
             w = layer.weight.detach()
             b = torch.zeros(w.shape[0]) if layer.bias is None else layer.bias.detach()
             x = torch.cat([x @ w[i : i + rows].double().T + b[i : i + rows].double()
                            for i in range(0, w.shape[0], rows)], dim=1)
-        else:
-            raise TypeError(f"not a student layer: {type(layer).__name__}")
     return x
 
 
