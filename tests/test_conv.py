@@ -140,9 +140,9 @@ def test_sweep_over_specs_with_a_series_per_family(tmp_path, digits_files):
     assert (tmp_path / "s" / "s_8c-p-256" / "student.onnx").exists()
     from compress.sweep import series
 
-    assert set(series(json.loads(r.stdout))) == {"SNN-CNN-MIMIC", "2-conv MIMIC", "SNN-MIMIC, rank 16",
-                                                 "SNN-CNN-MIMIC shape on labels", "2-conv MIMIC shape on labels",
-                                                 "shallow net on labels"}
+    assert set(series(json.loads(r.stdout))) == {
+        "SNN-CNN-MIMIC", "2-conv MIMIC", "SNN-MIMIC, rank 16", "SNN-CNN-MIMIC shape on labels",
+        "2-conv MIMIC shape on labels", "shallow net on labels"}
     both = CliRunner().invoke(cli, ["sweep", str(f["teacher"]), "--data", str(f["x"]), "--students", "8k",
                                     "--widths", "1k"])
     assert both.exit_code == 2 and "--students" in both.stderr
