@@ -9,10 +9,9 @@
   teacher), and a scale per output unit crushed the small columns (96.7% agreement, against 100%).
 - int8, `dynamic`: `onnxruntime.quantization.quantize_dynamic`, int8 arithmetic (MatMulInteger), weights
   per output channel, activations quantized per batch on the fly. The bottleneck layer (D x k, small)
-  stays float32 for the reason above, and so do the output layer and a conv student's standardization
-  (KEEP_FP32).
+  stays float32 for the reason above, and so does a conv student's standardization (KEEP_FP32).
 - int8, `static`: `quantize_static` in QDQ format, activation ranges calibrated on transfer inputs;
-  KEEP_FP32 likewise; convolutions and the wide layer run in int8.
+  KEEP_FP32 likewise, and the Gemms' outputs (the logits among them) are left unquantized.
 
 Every export is compared with the fp32 model on held-out inputs; below `min_agreement` top-1 agreement
 it raises `ExportError` and the file is never written.
@@ -35,10 +34,11 @@ PRECISIONS = ("fp32", "fp16", "int8")
 MIN_AGREEMENT = 0.99  # default floor of top-1 agreement with the fp32 student
 _CALIBRATION_SAMPLES = 512
 # Nodes that `dynamic` and `static` leave in float32: the input's standardization (a convolutional
-# student's norm), the bottleneck (its columns' scales differ by orders of magnitude, see above) and
-# the output layer (H x C, small: its logits decide top-1, and int8 there cost a conv student on
-# MNIST-1D 98.5% agreement against 99.2% with it kept; tests/test_conv.py)
-KEEP_FP32 = ("norm_sub", "norm", "bottleneck", "out")
+# student's norm) and the bottleneck (its columns' scales differ by orders of magnitude, see above).
+# `static` also leaves the Gemms' outputs unquantized (weights int8): quantizing the logits themselves
+# to one int8 scale was the largest error (max |diff| 1.42 against 0.27 on a conv digits student, and
+# 99.66% top-1 agreement against 100%; tests/test_conv.py).
+KEEP_FP32 = ("norm_sub", "norm", "bottleneck")
 
 
 def to_fp16_weights(model: Any) -> Any:
@@ -159,7 +159,8 @@ def _quantize(fp32_path: str, out_path: str, method: str, calibration: np.ndarra
         reader = _Calibration(graph.input[0].name, calibration[:_CALIBRATION_SAMPLES])
         quantize_static(fp32_path, out_path, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=keep_fp32, use_external_data_format=large)
+                        nodes_to_exclude=keep_fp32, use_external_data_format=large,
+                        extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm"]})
     else:
         raise ConfigError(f"--quantize: must be weights, dynamic or static, got {method}")
 
