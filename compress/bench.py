@@ -28,6 +28,7 @@ def make_session(path: str | Path, provider: str = "cpu", threads: int | None = 
     from compress.teachers.onnx_teacher import session_options
 
     opts = session_options(threads)
+    opts.log_severity_level = 4  # a failing run is reported as one line by the caller, not C++ status dumps
     if provider == "cuda":
         if not (gpu_available() and "CUDAExecutionProvider" in ort.get_available_providers()):
             raise ConfigError("--provider: cuda was asked for but no GPU / CUDA provider is available")
@@ -121,9 +122,26 @@ def bench(paths: list[str | Path], batch_sizes: tuple[int, ...] = (1, 64, 256), 
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"MODEL {p}: onnxruntime cannot load it ({first})") from None
-        dims = sess.get_inputs()[0].shape
-        fixed = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+        inputs = sess.get_inputs()
+        if len(inputs) != 1:
+            raise ConfigError(f"MODEL {p}: takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                              "bench times models of one float input")
+        inp = inputs[0]
+        if inp.type not in _ORT_NP:
+            raise ConfigError(f"MODEL {p}: input '{inp.name}' is {inp.type}; bench times models of one "
+                              "float input")
+        dims = inp.shape
+        if not isinstance(dims, list) or len(dims) < 2:
+            raise ConfigError(f"MODEL {p}: input '{inp.name}' has shape {dims}, without a batch axis and "
+                              "a sample shape; bench times models shaped (batch, ...)")
+        fixed = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+        try:
+            lat = latency(sess, None, batch_sizes, fixed, budget_s)
+        except ConfigError:
+            raise
+        except Exception as e:  # onnxruntime's failure on these inputs, as one line
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"MODEL {p}: fails when run on inputs shaped {dims} ({first})") from None
         models.append({"model": str(p), "size_bytes": onnx_size(p),  # with a weights file beside it
-                       "latency_ms": latency(sess, None, batch_sizes, fixed, budget_s),
-                       "providers": sess.get_providers()})
+                       "latency_ms": lat, "providers": sess.get_providers()})
     return {"provider": provider, "threads": threads, "cpu_count": os.cpu_count(), "models": models}

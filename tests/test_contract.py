@@ -38,7 +38,39 @@ def workdir_template(tmp_path_factory, digits_files):
     (root / "junk.pt").write_bytes(b"not a checkpoint")
     np.save(root / "y_big.npy", np.full(1200, 12, np.int64))  # classes the teacher does not have
     np.save(root / "x_nan.npy", np.full((20, 64), np.nan, np.float32))
+    onnx_models(root)
+    import torch
+
+    payload = torch.load(root / "run" / "student.pt", weights_only=True)
+    torch.save({**payload, "format": "compress-student/99"}, root / "future.pt")
+    torch.save({k: v for k, v in payload.items() if k != "state_dict"}, root / "noweights.pt")
+    torch.save(torch.nn.Linear(64, 10).state_dict(), root / "sd.pt")
     return root
+
+
+def onnx_models(root: Path) -> None:
+    """Models bench cannot time: two inputs, an int64 input, no shape, no batch axis, one that fails."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    def save(name, inputs, nodes, output_shape, inits=()):
+        graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", T.FLOAT,
+                                                                                     output_shape)],
+                                  initializer=list(inits))
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        onnx.save(m, str(root / name))
+
+    vi = helper.make_tensor_value_info
+    save("two.onnx", [vi("a", T.FLOAT, ["N", 4]), vi("b", T.FLOAT, ["N", 4])],
+         [helper.make_node("Add", ["a", "b"], ["y"])], ["N", 4])
+    save("int64.onnx", [vi("a", T.INT64, ["N", 4])], [helper.make_node("Cast", ["a"], ["y"], to=T.FLOAT)],
+         ["N", 4])
+    save("noshape.onnx", [vi("a", T.FLOAT, None)], [helper.make_node("Relu", ["a"], ["y"])], None)
+    save("nobatch.onnx", [vi("a", T.FLOAT, [4])], [helper.make_node("Relu", ["a"], ["y"])], [4])
+    save("fails.onnx", [vi("a", T.FLOAT, ["N", 4])], [helper.make_node("Reshape", ["a", "s"], ["y"])], None,
+         [onnx.numpy_helper.from_array(np.array([3, 7], np.int64), "s")])
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -103,6 +135,16 @@ BAD = [
     ("distill t.onnx --data x.npy --student 100L-8k --out d", "--student 100L-8k"),
     ("fit --data x.npy --targets x.npy --student 16L-64 --rank 3 --out d", "--student"),
     ("sweep t.onnx --data x.npy --students 8c-p-1k,p-p --out s", "--student p-p"),
+    # models bench cannot time, student files that are not what they claim, factories that misbehave
+    ("bench two.onnx --seconds 0.05", "two.onnx"),
+    ("bench int64.onnx --seconds 0.05", "int64.onnx"),
+    ("bench noshape.onnx --seconds 0.05", "noshape.onnx"),
+    ("bench nobatch.onnx --seconds 0.05", "nobatch.onnx"),
+    ("bench fails.onnx --seconds 0.05", "fails.onnx"),
+    ("export future.pt --out e.onnx", "compress-student/99"),
+    ("export noweights.pt --out e.onnx", "no state_dict"),
+    ("distill sd.pt --data x.npy --arch tests.bad_factories:exits --out d", "SystemExit"),
+    ("distill sd.pt --data x.npy --arch tests.bad_factories:not_a_module --out d", "--arch"),
     # names
     ("fit --data x.npy --targets x.npy --input-name '' --out d", "--input-name"),
     ("fit --data x.npy --targets x.npy --input-name a --output-name a --out d", "--output-name"),
