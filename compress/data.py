@@ -242,3 +242,11 @@ def load_labels(path: str | Path, n_samples: int, *, what: str = "--eval-labels"
     if (arr < 0).any():
         raise DataError(f"{what} {path}: labels must be class numbers >= 0")
     return arr.astype(np.int64)
+
+
+def check_key(key: str | None, *paths: str | Path | None) -> None:
+    """--key picks an array inside an .npz: given with no .npz among the data files, it would be
+    ignored silently, so it is refused."""
+    if key is not None and not any(p is not None and Path(p).suffix.lower() == ".npz" for p in paths):
+        names = ", ".join(str(p) for p in paths if p is not None)
+        raise DataError(f"--key: picks an array inside an .npz file, and none is given ({names})")

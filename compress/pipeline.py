@@ -255,6 +255,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     refuse_overwrite({"TEACHER": list(teachers), "--data": data, "--eval-data": eval_data,
                       "--eval-labels": eval_labels}, writes)
     check_device(opts.fit.device)
+    data_mod.check_key(opts.key, data, eval_data)
     if opts.resume:
         check_checkpoint(out / "checkpoint.pt")
     teacher = load_teacher(list(teachers), output=opts.output, device=opts.fit.device, arch=opts.arch,
@@ -437,6 +438,7 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
         raise ConfigError(f"--output-name: '{output_name}' is also the input's name; ONNX needs two names")
     refuse_overwrite({"--data": data, "--targets": targets}, out_writes("--out", opts.out_dir, FIT_WRITES))
     check_device(opts.fit.device)
+    data_mod.check_key(opts.key, data)
     if opts.resume:
         check_checkpoint(Path(opts.out_dir) / "checkpoint.pt")
     x = data_mod.load_inputs(data, None, what="--data", key=opts.key)

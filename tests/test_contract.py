@@ -145,6 +145,8 @@ BAD = [
     ("export noweights.pt --out e.onnx", "no state_dict"),
     ("distill sd.pt --data x.npy --arch tests.bad_factories:exits --out d", "SystemExit"),
     ("distill sd.pt --data x.npy --arch tests.bad_factories:not_a_module --out d", "--arch"),
+    ("distill t.onnx --data x.npy --key a --out d", "--key"),
+    ("targets t.onnx --data x.npy --key a --out z.npy", "--key"),
     # names
     ("fit --data x.npy --targets x.npy --input-name '' --out d", "--input-name"),
     ("fit --data x.npy --targets x.npy --input-name a --output-name a --out d", "--output-name"),

@@ -229,6 +229,7 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
     from compress.pipeline import check_device
 
     check_device(device)
+    data_mod.check_key(key, data)
     teacher = load_teacher(list(teachers), output=output, device=device, arch=arch,
                            trust_pickle=trust_pickle)
     x = data_mod.open_inputs(data, teacher.signature.sample_shape, key=key)  # read chunk by chunk
@@ -456,6 +457,7 @@ def compare(teacher: Path, student: Path, data: Path, labels: Path | None, outpu
     from compress.teachers import load_teacher
 
     batches = parse_batch_sizes(batch_sizes)
+    data_mod.check_key(key, data)
     t = load_teacher([teacher], output=output, device="cpu", arch=arch, trust_pickle=trust_pickle)
     try:
         s = load_teacher([student], device="cpu")
