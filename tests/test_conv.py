@@ -67,7 +67,8 @@ def test_image_teacher_conv_student_ships(tmp_path, digits):
     img = digits["x"].reshape(-1, 1, 8, 8)
     teacher = train_classifier(ImageCNN(), img, digits["y"])
     export_teacher(teacher, img, tmp_path / "t.onnx", input_name="pixels", output_name="scores")
-    x = np.concatenate([img, img[:, :, :, ::-1]])  # 2,400 transfer images: the digits and their mirrors
+    rng = np.random.default_rng(0)  # 3,600 transfer images: the digits and two jittered copies
+    x = np.concatenate([img, *(img + rng.normal(0, 0.05, img.shape).astype(np.float32) for _ in range(2))])
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "xt.npy", digits["x_test"].reshape(-1, 1, 8, 8))
     np.save(tmp_path / "yt.npy", digits["y_test"])
