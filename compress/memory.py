@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.threads import CGROUP_ROOT, _levels, _read
+from compress.threads import CGROUP_ROOT, _read, hierarchies
 
 # float32 copies of every weight that a CPU fit holds at once: the weights, their gradients, Adam's two
 # moments, and the best epoch's copy
@@ -28,20 +28,10 @@ def _meminfo_available(meminfo: str | None = None) -> int | None:
 
 def _cgroup_room(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> int | None:
     """Bytes left under the tightest memory limit of this process's cgroups; None when none is set."""
-    if proc_cgroup is None:
-        proc_cgroup = _read(Path("/proc/self/cgroup")) or ""
     rooms = []
-    for line in proc_cgroup.splitlines():
-        hier, _, rest = line.partition(":")
-        controllers, _, rel = rest.partition(":")
-        if hier == "0" and controllers == "":
-            files = [(lvl / "memory.max", lvl / "memory.current") for lvl in _levels(root, rel)]
-        elif "memory" in controllers.split(","):
-            base = root / "memory"
-            files = [(lvl / "memory.limit_in_bytes", lvl / "memory.usage_in_bytes")
-                     for lvl in _levels(base, rel)]
-        else:
-            continue
+    for v2, levels in hierarchies("memory", ("memory",), root, proc_cgroup):
+        files = [(lvl / "memory.max", lvl / "memory.current") if v2 else
+                 (lvl / "memory.limit_in_bytes", lvl / "memory.usage_in_bytes") for lvl in levels]
         for limit_file, usage_file in files:
             try:
                 limit, usage = int(_read(limit_file) or ""), int(_read(usage_file) or "0")

@@ -61,20 +61,29 @@ def _v1(level: Path) -> tuple[str, str]:
 def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> float | None:
     """The CPUs' worth of time a second this process's cgroup may use (2.5 for `--cpus 2.5`); None
     when no quota is set or none can be read (not Linux, no cgroup filesystem)."""
+    found = [_tightest(levels, _v2 if v2 else _v1)
+             for v2, levels in hierarchies("cpu", ("cpu,cpuacct", "cpu"), root, proc_cgroup)]
+    return min((q for q in found if q is not None), default=None)
+
+
+def hierarchies(controller: str, v1_mounts: tuple[str, ...], root: Path = CGROUP_ROOT,
+                proc_cgroup: str | None = None) -> list[tuple[bool, list[Path]]]:
+    """(is cgroup v2, this process's cgroup and its parents) for each hierarchy that `controller`
+    applies to: the unified one (v2), or a v1 one mounted under one of `v1_mounts`."""
     if proc_cgroup is None:
         proc_cgroup = _read(Path("/proc/self/cgroup")) or ""
-    found = []
+    out = []
     for line in proc_cgroup.splitlines():
         hier, _, rest = line.partition(":")
         controllers, _, rel = rest.partition(":")
         if hier == "0" and controllers == "":  # cgroup v2 (unified)
-            found.append(_tightest(_levels(root, rel), _v2))
-        elif "cpu" in controllers.split(","):  # cgroup v1: mounted as cpu,cpuacct or cpu
-            for mount in (controllers, "cpu,cpuacct", "cpu"):
+            out.append((True, _levels(root, rel)))
+        elif controller in controllers.split(","):  # cgroup v1: mounted as e.g. cpu,cpuacct or cpu
+            for mount in (controllers, *v1_mounts):
                 if (root / mount).is_dir():
-                    found.append(_tightest(_levels(root / mount, rel), _v1))
+                    out.append((False, _levels(root / mount, rel)))
                     break
-    return min((q for q in found if q is not None), default=None)
+    return out
 
 
 def affinity() -> int:

@@ -118,3 +118,23 @@ def test_a_torch_teacher_labels_within_the_quota(tmp_path, monkeypatch):
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(outside)
+
+
+def test_memory_room_under_cgroup_limits(tmp_path):
+    """compress/memory.py reads the tightest cgroup memory limit (v2 and v1), as threads.py the CPU one."""
+    from compress.memory import _cgroup_room, _meminfo_available
+
+    v2 = tmp_path / "v2"
+    (v2 / "a" / "b").mkdir(parents=True)
+    (v2 / "a" / "memory.max").write_text("max\n")
+    (v2 / "a" / "b" / "memory.max").write_text("1000\n")
+    (v2 / "a" / "b" / "memory.current").write_text("400\n")
+    assert _cgroup_room(v2, "0::/a/b\n") == 600
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "x").mkdir(parents=True)
+    (v1 / "memory" / "x" / "memory.limit_in_bytes").write_text("2000\n")
+    (v1 / "memory" / "x" / "memory.usage_in_bytes").write_text("500\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "no limit"
+    assert _cgroup_room(v1, "5:memory:/x\n3:cpu,cpuacct:/x\n") == 1500
+    assert _cgroup_room(tmp_path, "0::/\n") is None
+    assert _meminfo_available("MemTotal: 10 kB\nMemAvailable:     2048 kB\n") == 2048 * 1024
