@@ -66,7 +66,7 @@ def model_latency(model: Any, sample: np.ndarray, batches: tuple[int, ...] = LAT
 
 def compare(teacher: Any, student: Any, x: np.ndarray, labels: np.ndarray | None = None,
             teacher_logits: np.ndarray | None = None, batches: tuple[int, ...] = LATENCY_BATCHES,
-            budget_s: float = 1.0) -> dict[str, Any]:
+            budget_s: float = 1.0, labels_what: str = "labels") -> dict[str, Any]:
     """Teacher vs student on the same inputs: accuracy, agreement, logit RMSE, size, latency.
 
     Both are `Teacher`s (a student ONNX file loads as an `OnnxTeacher`). `teacher_logits`, when
@@ -80,6 +80,11 @@ def compare(teacher: Any, student: Any, x: np.ndarray, labels: np.ndarray | None
 
             raise CompressError(f"{who} {model.name}: gives NaN or inf scores on these inputs (values "
                                 "beyond float32's range, or a model that overflows); nothing to compare")
+    if labels is not None and int(labels.max()) >= zt.shape[1]:
+        from compress.errors import DataError
+
+        raise DataError(f"{labels_what}: has class {int(labels.max())} but the teacher gives {zt.shape[1]} "
+                        "classes")
     if zs.shape != zt.shape:
         from compress.errors import CompressError
 

@@ -34,6 +34,7 @@ from compress.cli.options import (
     is_main_rank,
     parse_batch_sizes,
     parse_precisions,
+    parse_students,
     teacher_options,
 )
 from compress.cli.render import ProgressView, console
@@ -287,20 +288,7 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
         except click.BadParameter as e:
             raise click.BadParameter(e.message, param_hint=hint) from None
 
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context()
-    specs = [t.strip() for t in students.split(",") if t.strip()] if students is not None else None
-    if specs is not None:
-        if not specs:
-            raise click.BadParameter("give at least one student, e.g. 32c5-p-4k", param_hint="'--students'")
-        if any(ctx.get_parameter_source(n) != ParameterSource.DEFAULT for n in ("widths", "ranks")):
-            raise click.BadParameter("give the students either as --students or as --widths/--ranks, "
-                                     "not both", param_hint="'--students'")
-        from compress.student import parse_spec
-
-        for spec in specs:
-            parse_spec(spec)
+    specs = parse_students(click.get_current_context(), students)
     ws = parse_list(widths, WidthType(), "'--widths'")
     rs = [0 if r is None else r for r in parse_list(ranks, RankType(), "'--ranks'")]
     opts = DistillOptions(out_dir=str(out_dir), output=output, arch=arch, trust_pickle=trust_pickle,
@@ -449,10 +437,8 @@ def compare(teacher: Path, student: Path, data: Path, labels: Path | None, outpu
             as_json: bool) -> None:
     """Compare any two ONNX classifiers on the same inputs: a teacher and its student, or a student
     and its int8 export. Accuracy (with --labels), agreement, logit RMSE, size, latency."""
-    import numpy as np
-
     from compress import data as data_mod
-    from compress.errors import DataError, TeacherError
+    from compress.errors import TeacherError
     from compress.evaluate import compare as run
     from compress.teachers import load_teacher
 
@@ -466,12 +452,7 @@ def compare(teacher: Path, student: Path, data: Path, labels: Path | None, outpu
         raise TeacherError("STUDENT" + msg[len("TEACHER"):] if msg.startswith("TEACHER") else msg) from None
     x = data_mod.load_inputs(data, t.signature.sample_shape, key=key)
     y = data_mod.load_labels(labels, x.shape[0], what="--labels", data_what="--data") if labels else None
-    if y is not None:
-        classes = t.logits(np.asarray(x[:1], dtype=np.float32)).shape[1]
-        if int(y.max()) >= classes:
-            raise DataError(f"--labels {labels}: has class {int(y.max())} but the teacher gives {classes} "
-                            "classes")
-    report = run(t, s, x, y, batches=batches)
+    report = run(t, s, x, y, batches=batches, labels_what=f"--labels {labels}")
     report["eval"]["source"] = f"--data {data.name}"
     report["latency_provider"] = "CPUExecutionProvider"
     emit(report, as_json)

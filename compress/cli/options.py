@@ -151,6 +151,25 @@ def check_student_spec(ctx: click.Context, spec: str | None) -> None:
     parse_spec(spec)
 
 
+def parse_students(ctx: click.Context, text: str | None) -> list[str] | None:
+    """sweep's --students: specs in the paper's notation, each checked; not with --widths/--ranks."""
+    from click.core import ParameterSource
+
+    from compress.student import parse_spec
+
+    if text is None:
+        return None
+    specs = [t.strip() for t in text.split(",") if t.strip()]
+    if not specs:
+        raise click.BadParameter("give at least one student, e.g. 32c5-p-4k", param_hint="'--students'")
+    if any(ctx.get_parameter_source(n) != ParameterSource.DEFAULT for n in ("widths", "ranks")):
+        raise click.BadParameter("give the students either as --students or as --widths/--ranks, not both",
+                                 param_hint="'--students'")
+    for spec in specs:
+        parse_spec(spec)
+    return specs
+
+
 def export_options(multiple: bool) -> Any:
     def wrap(f: Any) -> Any:
         help_ = ("Extra exports besides fp32, comma-separated: fp16, int8 (student.<p>.onnx)."
