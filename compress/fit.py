@@ -42,6 +42,12 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that FitConfig stays
 # loss and agreement), or {note}: something to show the user now
 FitProgress = Callable[[dict[str, Any]], None]
 PAD = 16  # class count padded to a multiple of this while training
+# On a GPU the bottleneck's rank is padded to a multiple of this while training: with k=250 the three
+# products of the hidden layer have a dimension of 500 bytes, which cuBLAS serves with Ampere-era
+# kernels aligned to 2 elements; on an H100 they took 11.5 of a 25 ms step of the paper-size student
+# (benchmarks/results/gpu_step_profile.md). The padding units start at zero and stay zero (their
+# gradients are zero), so the trained student is exactly the real-rank one; it is sliced out at the end.
+RANK_ALIGN = 8
 # The split CPU step costs its threads about 1 ms a step to meet; from about 100 MFLOP a step it is
 # faster than autograd (2-core CPU, fit loop: 60k vs 58k samples/s at 154 MFLOP, 48k vs 37k at 519,
 # 3.6k vs 2.8k at 25 GFLOP), and below it slower (100k vs 280k samples/s for a 32-wide student).
@@ -169,6 +175,50 @@ def _diverged(epoch: int, train_loss: float, val_loss: float, fit_cfg: FitConfig
             + f"; no student was written{kept}. Try a lower --lr (default {FitConfig().lr:g})")
 
 
+def _padded_rank(rank: int, device: torch.device) -> int:
+    """The rank the student trains with on `device` (see RANK_ALIGN); the CPU split step pads its own."""
+    return -(-rank // RANK_ALIGN) * RANK_ALIGN if device.type == "cuda" else rank
+
+
+# The tensors whose shape follows the rank, and the axis that does: checkpoints keep the real rank, so
+# that a run resumes on another device (padded or not) from the same file.
+RANK_AXES = {"bottleneck.weight": 0, "hidden.weight": 1}
+
+
+def _with_rank(tensors: dict[str, Any], rank: int) -> dict[str, Any]:
+    """`tensors` (a state dict) with the rank axes cut or zero-padded to `rank`; others as they are."""
+    import torch
+
+    if rank == 0:  # no bottleneck: nothing follows the rank (hidden.weight's axis 1 is the input)
+        return tensors
+    out = dict(tensors)
+    for name, axis in RANK_AXES.items():
+        t = out.get(name)
+        if t is None or t.shape[axis] == rank:
+            continue
+        if t.shape[axis] > rank:
+            out[name] = t.narrow(axis, 0, rank).clone()
+        else:
+            shape = list(t.shape)
+            shape[axis] = rank - t.shape[axis]
+            out[name] = torch.cat([t, t.new_zeros(shape)], dim=axis)
+    return out
+
+
+def _opt_with_rank(state: dict[str, Any], names: list[str], rank: int) -> dict[str, Any]:
+    """An optimizer state dict with each parameter's moments resized like `_with_rank` (`names`: the
+    parameters' names in the optimizer's order)."""
+    import torch
+
+    def resize(name: str, v: Any) -> Any:  # the moments have the parameter's shape; "step" does not
+        if isinstance(v, torch.Tensor) and name in RANK_AXES and v.dim() == 2:
+            return _with_rank({name: v}, rank)[name]
+        return v
+
+    per = {i: {k: resize(names[i], v) for k, v in st.items()} for i, st in state["state"].items()}
+    return {**state, "state": per}
+
+
 def _rows(x: Any, mine: np.ndarray) -> Rows:
     """Rows `mine` of x (itself maybe a `Rows`), read only when sliced."""
     return Rows(x.base, x.idx[mine]) if isinstance(x, Rows) else Rows(x, mine)
@@ -243,14 +293,15 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     # matmul at 180 GFLOP/s against 309 for 192 on the 2-core CPU (GPU tensor cores want it too). Only
     # the real classes reach the loss; the real-size student is sliced out after training.
     c_pad = -(-cfg.num_classes // PAD) * PAD
-    padded = dataclasses.replace(cfg, num_classes=c_pad)
+    k_pad = _padded_rank(cfg.rank, device)
+    padded = dataclasses.replace(cfg, num_classes=c_pad, rank=k_pad)
     bs, eval_rows = min(fit_cfg.batch_size, n), 8192
     if bs < fit_cfg.batch_size:
         notes.append(f"--batch-size {fit_cfg.batch_size:,} is more than the {n:,} training samples: one "
                      f"step an epoch, of {bs:,}")
     if device.type == "cuda":  # the batch and the training rows sized to the GPU's free memory
         acts = d + 4 * sum(math.prod(ly.out_shape) for ly in cfg.layers() if ly.kind in ("conv", "pool"))
-        plan = plan_cuda(count_params(padded), activation_bytes(acts, cfg.rank, cfg.width, c_pad),
+        plan = plan_cuda(count_params(padded), activation_bytes(acts, k_pad, cfg.width, c_pad),
                          bs, n, 4 * (d + cfg.num_classes), torch.cuda.mem_get_info(device)[0],
                          what=str(device), ddp=ranks > 1)
         bs, plan_rows, eval_rows = plan.batch, plan.stream_rows or n, plan.eval_rows
@@ -274,7 +325,14 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     xv, zv = xv.to(device), zv.to(device)
     teacher_top = zv.argmax(dim=1)
 
-    model = build_student(padded).to(device)
+    model = build_student(dataclasses.replace(padded, rank=cfg.rank))
+    if k_pad > cfg.rank:  # the real-rank student's first weights, and padding units of zero weights in
+        with torch.device("meta"):  # and out (hence zero gradients throughout)
+            shell = build_student(padded)
+        shell.load_state_dict(_with_rank(model.state_dict(), k_pad), assign=True)
+        model = shell
+    model = model.to(device)
+    names = [name for name, _ in model.named_parameters()]
     model.relu.inplace = True  # one activation buffer fewer per step
     real = slice(0, cfg.num_classes)
     net = model
@@ -321,12 +379,12 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
         progress({"note": f"{checkpoint} holds epoch {earlier} of {epochs} of an unfinished run with these "
                           "options; this run replaces it when its first epoch ends (stop now and add "
                           "--resume to continue it instead)"})
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+    if state is not None:  # saved with the real rank (RANK_AXES)
+        model.load_state_dict(_with_rank(state["model"], k_pad))
+        opt.load_state_dict(_opt_with_rank(state["opt"], names, k_pad))
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
-        best = (state["best_val"], state["best_epoch"], state["best_state"])
+        best = (state["best_val"], state["best_epoch"], _with_rank(state["best_state"], k_pad))
         history, seen, step = state["history"], state["seen"], state["step"]
         first_epoch, earlier_seconds = state["epoch"] + 1, state["seconds"]
     model.train()
@@ -390,10 +448,13 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
             if val_loss < best[0]:
                 best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
             if checkpoint and rank == 0:
-                ckpt.save(checkpoint, {"run": run, "epoch": epoch, "model": model.state_dict(),
-                                       "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                       "gen": gen.get_state(), "best_val": best[0], "best_epoch": best[1],
-                                       "best_state": best[2], "history": history, "seen": seen, "step": step,
+                ckpt.save(checkpoint, {"run": run, "epoch": epoch,
+                                       "model": _with_rank(model.state_dict(), cfg.rank),
+                                       "opt": _opt_with_rank(opt.state_dict(), names, cfg.rank),
+                                       "sched": sched.state_dict(), "gen": gen.get_state(),
+                                       "best_val": best[0], "best_epoch": best[1],
+                                       "best_state": _with_rank(best[2], cfg.rank), "history": history,
+                                       "seen": seen, "step": step,
                                        "seconds": earlier_seconds + time.perf_counter() - t0})
             if split is not None:
                 opt.state.clear()  # the split step holds the moments; this copy was for the file
@@ -409,7 +470,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
 
     model.load_state_dict(best[2])
     student = build_student(cfg)
-    state = {k: v.float().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.float().cpu() for k, v in _with_rank(model.state_dict(), cfg.rank).items()}
     state["out.weight"], state["out.bias"] = state["out.weight"][real], state["out.bias"][real]
     student.load_state_dict(state)
     model = student.eval()

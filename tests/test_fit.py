@@ -138,3 +138,65 @@ def test_a_fresh_run_says_when_it_will_replace_a_resumable_checkpoint(tmp_path):
     assert note.startswith(f"{ck} holds epoch 2 of 2 of an unfinished run") and "--resume" in note
     assert notes_of(cfg, fc, resume=True) == []  # resumed: nothing is replaced
     assert notes_of(StudentConfig((12,), 5, 32, 6), fc) == []  # another run's checkpoint
+
+
+def pad_rank_on_cpu(monkeypatch):
+    """Train with the rank padded as on a GPU (compress.fit.RANK_ALIGN), here on the CPU's autograd path."""
+    import compress.fit
+
+    align = compress.fit.RANK_ALIGN
+    monkeypatch.setattr(compress.fit, "_padded_rank", lambda rank, device: -(-rank // align) * align)
+
+
+def held_out_l2(res, x, z):
+    with torch.no_grad():
+        s = res.model(torch.from_numpy(x)).numpy()
+    return 0.5 * ((s - z) ** 2).sum(axis=1).mean()
+
+
+def test_a_padded_rank_trains_exactly_the_real_rank_student(monkeypatch):
+    """The padding units start at zero and stay zero: the real-rank student that fit returns scores what
+    the padded one scored on the held-out rows (the best epoch's loss), to float precision."""
+    import pytest
+
+    pad_rank_on_cpu(monkeypatch)
+    x, z = realizable(1500)
+    cfg = StudentConfig((12,), 5, 64, 6)  # rank 6, trained as 8
+    res = fit(x[:1200], z[:1200], x[1200:], z[1200:], cfg, FitConfig(epochs=30, engine="autograd"))
+    assert tuple(res.model.bottleneck.weight.shape) == (6, 12) and res.model.hidden.in_features == 6
+    assert held_out_l2(res, x[1200:], z[1200:]) == pytest.approx(res.history[res.best_epoch - 1]["val_loss"],
+                                                                 rel=1e-4)
+    assert res.history[-1]["agreement"] > 0.7
+    plain = fit(x[:1200], z[:1200], x[1200:], z[1200:], cfg, FitConfig(epochs=30, engine="autograd"))
+    # the same first weights and steps up to float rounding (8-wide products instead of 6-wide)
+    assert res.history[-1]["val_loss"] == pytest.approx(plain.history[-1]["val_loss"], rel=0.02)
+
+
+def test_a_checkpoint_keeps_the_real_rank_and_resumes_padded_or_not(tmp_path, monkeypatch):
+    """A run stopped on a GPU (padded rank) resumes on a CPU (real rank) from the same file, and back."""
+    x, z = realizable(600)
+    cfg, fc = StudentConfig((12,), 5, 64, 6), FitConfig(epochs=6, engine="autograd")
+    ck = tmp_path / "checkpoint.pt"
+    with monkeypatch.context() as m:
+        pad_rank_on_cpu(m)
+        resumed = interrupt_and_resume(x, z, cfg, fc, str(ck), stop_epoch=2)  # padded, then padded
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
+    state = torch.load(ck, weights_only=True)
+    assert tuple(state["model"]["bottleneck.weight"].shape) == (6, 12)
+    assert tuple(state["model"]["hidden.weight"].shape) == (64, 6)
+    moments = state["opt"]["state"][1]  # hidden.weight's
+    assert tuple(moments["exp_avg"].shape) == tuple(moments["exp_avg_sq"].shape) == (64, 6)
+
+    def stop(info):
+        if info.get("epoch") == 3 and "loss" in info:
+            raise KeyboardInterrupt
+
+    ck.unlink()
+    import pytest
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        pad_rank_on_cpu(m)
+        fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, stop, checkpoint=str(ck))
+    unpadded = fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, checkpoint=str(ck), resume=True)
+    assert unpadded.resumed_from_epoch == 3 and [h["epoch"] for h in unpadded.history] == list(range(1, 7))
+    assert unpadded.history[-1]["val_loss"] < unpadded.history[2]["val_loss"]

@@ -4,15 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from compress.feed import CUDA_RESERVE, Feed, activation_bytes
+from compress.feed import CUDA_RESERVE, Feed, activation_bytes, plan_cuda
 from compress.fit import PAD, FitConfig, fit
 from compress.student import StudentConfig, count_params
 from tests.test_fit import realizable
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU")]
+
+def on_gpu(test):
+    """A test that needs a CUDA GPU: marked `gpu`, skipped without one."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU")
+    return pytest.mark.gpu(skip(test))
 
 
+@on_gpu
 def test_a_gpu_student_is_as_good_as_the_cpu_one():
     x, z = realizable(3000)
     cfg = StudentConfig((12,), 5, 256, 6)
@@ -25,6 +29,7 @@ def test_a_gpu_student_is_as_good_as_the_cpu_one():
     assert (s.argmax(1) == z[2700:].argmax(1)).mean() > 0.9
 
 
+@on_gpu
 def test_the_feed_copies_blocks_to_the_gpu_intact():
     x = np.random.default_rng(0).standard_normal((1000, 7)).astype(np.float32)
     z = np.random.default_rng(1).standard_normal((1000, 3)).astype(np.float32)
@@ -38,13 +43,29 @@ def test_the_feed_copies_blocks_to_the_gpu_intact():
         np.testing.assert_array_equal(zt.cpu().numpy(), z[a:b])
 
 
+def streaming_free_bytes(batch: int, rows: int) -> int:
+    """Free GPU memory for the 12-feature student below at which a batch of `batch` fits but `rows`
+    training rows do not (they need half again the room left beside the batch)."""
+    padded = StudentConfig((12,), PAD, 256, 6)
+    act = activation_bytes(12, 6, 256, PAD)
+    room = 2 * batch * act + rows * 4 * (12 + 5) // 2  # the batch takes at most half the room
+    return int((CUDA_RESERVE + 22 * count_params(padded) + room) / 0.9) + 1
+
+
+def test_the_streaming_case_is_planned_as_streamed():  # the arithmetic of the GPU test below, on any machine
+    padded = StudentConfig((12,), PAD, 256, 6)
+    plan = plan_cuda(count_params(padded), activation_bytes(12, 6, 256, PAD), 32, 2700, 4 * (12 + 5),
+                     streaming_free_bytes(32, 2700))
+    assert plan.batch == 32 and plan.note is None
+    assert plan.stream_rows is not None and 32 <= plan.stream_rows < 2700
+
+
+@on_gpu
 def test_rows_that_do_not_fit_on_the_gpu_are_streamed(monkeypatch):
     x, z = realizable(3000)
     cfg = StudentConfig((12,), 5, 256, 6)
-    padded = StudentConfig((12,), PAD, 256, 6)
-    act = activation_bytes(12, 6, 256, PAD)
-    free = int((CUDA_RESERVE + 22 * count_params(padded) + 128 * act + 60_000) / 0.9) + 1  # ~60 KB for rows
+    free = streaming_free_bytes(32, 2700)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
-    res = fit(x[:2700], z[:2700], x[2700:], z[2700:], cfg, FitConfig(epochs=30, device="cuda"))
-    assert res.streamed and any("streamed in blocks" in n for n in res.notes)
+    res = fit(x[:2700], z[:2700], x[2700:], z[2700:], cfg, FitConfig(epochs=30, batch_size=32, device="cuda"))
+    assert res.batch_size == 32 and res.streamed and any("streamed in blocks" in n for n in res.notes)
     assert res.history[-1]["agreement"] > 0.88
