@@ -141,11 +141,13 @@ def test_a_fresh_run_says_when_it_will_replace_a_resumable_checkpoint(tmp_path):
 
 
 def pad_rank_on_cpu(monkeypatch):
-    """Train with the rank padded as on a GPU (compress.fit.RANK_ALIGN), here on the CPU's autograd path."""
+    """Train as on a GPU, here on the CPU's autograd path: the rank padded to compress.fit.RANK_ALIGN,
+    and the hidden layer fused with its ReLU."""
     import compress.fit
 
     align = compress.fit.RANK_ALIGN
     monkeypatch.setattr(compress.fit, "_padded_rank", lambda rank, device: -(-rank // align) * align)
+    monkeypatch.setattr(compress.fit, "_fuse_relu_on", lambda device: True)
 
 
 def held_out_l2(res, x, z):
@@ -156,7 +158,8 @@ def held_out_l2(res, x, z):
 
 def test_a_padded_rank_trains_exactly_the_real_rank_student(monkeypatch):
     """The padding units start at zero and stay zero: the real-rank student that fit returns scores what
-    the padded one scored on the held-out rows (the best epoch's loss), to float precision."""
+    the padded one scored on the held-out rows (the best epoch's loss), to float precision; and the
+    fused hidden layer trains the same function as the plain one."""
     import pytest
 
     pad_rank_on_cpu(monkeypatch)
@@ -200,3 +203,25 @@ def test_a_checkpoint_keeps_the_real_rank_and_resumes_padded_or_not(tmp_path, mo
     unpadded = fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, checkpoint=str(ck), resume=True)
     assert unpadded.resumed_from_epoch == 3 and [h["epoch"] for h in unpadded.history] == list(range(1, 7))
     assert unpadded.history[-1]["val_loss"] < unpadded.history[2]["val_loss"]
+
+
+def test_the_fused_hidden_layer_has_the_gradients_of_linear_then_relu():
+    import copy
+
+    from compress.fit import _fuse_hidden_relu
+
+    torch.manual_seed(0)
+    for rank in (6, 0):  # the hidden layer's input from the bottleneck, or the raw input (no gradient)
+        plain = build_student(StudentConfig((12,), 5, 40, rank))
+        fused = copy.deepcopy(plain)
+        _fuse_hidden_relu(fused)
+        x = torch.randn(33, 12)
+        outs = []
+        for model in (plain, fused):
+            s = model(x)
+            (s**2).sum().backward()
+            outs.append((s.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        torch.testing.assert_close(outs[1][0], outs[0][0])
+        assert outs[1][1].keys() == outs[0][1].keys()
+        for name, grad in outs[0][1].items():
+            torch.testing.assert_close(outs[1][1][name], grad, msg=name)
