@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 
 from compress.errors import ConfigError
+from compress.tokens import feeds
 
-_ORT_NP = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+_ORT_NP = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None) -> Any:
@@ -60,8 +62,16 @@ def latency(sess: Any, sample: np.ndarray | None = None, batch_sizes: tuple[int,
     """
     import onnxruntime as ort
 
-    inp, outs = sess.get_inputs()[0], sess.get_outputs()
+    inputs, outs = sess.get_inputs(), sess.get_outputs()
+    inp = inputs[0]
     dtype = _ORT_NP.get(inp.type, np.float32)
+    names = tuple(i.name for i in inputs)
+    dtypes = tuple(np.dtype(_ORT_NP.get(i.type, np.float32)).name for i in inputs)
+    if len(inputs) > 1:  # token inputs: `sample` is their (N, I, L) stack (compress.tokens)
+        if sample is None or sample.ndim != 3 or sample.shape[1] != len(inputs):
+            raise ConfigError(f"a model of {len(inputs)} inputs {list(names)} is timed on real inputs "
+                              "stacked as (N, inputs, tokens)")
+        dtype = np.int64
     if sample is None:
         shape = inp.shape[1:]
         if not all(isinstance(d, int) for d in shape):
@@ -73,13 +83,14 @@ def latency(sess: Any, sample: np.ndarray | None = None, batch_sizes: tuple[int,
     result: dict[str, dict[str, Any]] = {}
     for b in (fixed_batch,) if fixed_batch else batch_sizes:
         x = np.ascontiguousarray(np.resize(sample, (b, *sample.shape[1:])))
+        feed = feeds(names, dtypes, x) if len(inputs) > 1 else {inp.name: x}
         binding = sess.io_binding()
-        binding.bind_ortvalue_input(inp.name, ort.OrtValue.ortvalue_from_numpy(x, device, 0))
+        for name, value in feed.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
         for o in outs:
             binding.bind_output(o.name, device)
         bound = _timed(lambda binding=binding: sess.run_with_iobinding(binding), budget_s / 2,
                        min_runs, max_runs)
-        feed = {inp.name: x}
         plain = _timed(lambda feed=feed: sess.run(None, feed), budget_s / 2, min_runs, max_runs)
         times, method = (bound, "iobinding") if np.median(bound) <= np.median(plain) else (plain, "run")
         result[str(b)] = {

@@ -203,9 +203,16 @@ def open_inputs(
     *,
     what: str = "--data",
     key: str | None = None,
+    inputs: tuple[str, ...] = (),
 ) -> np.ndarray:
     """Open and check (non-empty, finite, right shape) inputs without reading them whole: a memory map
-    or `Shards` for .npy files and folders. Rows are converted to float32 where they are used."""
+    or `Shards` for .npy files and folders. Rows are converted to float32 where they are used. With
+    `inputs` (a token-id teacher's input names), the (N, I, L) int64 stack of an .npz's arrays of those
+    names, in memory (compress.tokens)."""
+    if inputs:
+        from compress.tokens import load_npz
+
+        return load_npz(path, inputs, what)
     arr = load_array(path, what=what, key=key)
     arr = fit_shape(arr, sample_shape, path, what)
     check_finite(arr, path, what)
@@ -218,9 +225,13 @@ def load_inputs(
     *,
     what: str = "--data",
     key: str | None = None,
+    inputs: tuple[str, ...] = (),
 ) -> np.ndarray:
-    """Load, check (non-empty, finite, right shape) and return float32 inputs held in memory."""
-    arr = open_inputs(path, sample_shape, what=what, key=key)
+    """Load, check (non-empty, finite, right shape) and return float32 inputs held in memory (token
+    ids: see `open_inputs`)."""
+    arr = open_inputs(path, sample_shape, what=what, key=key, inputs=inputs)
+    if inputs:
+        return arr
     return np.ascontiguousarray(arr[0 : len(arr)], dtype=np.float32)
 
 

@@ -45,8 +45,19 @@ def describe_onnx(path: Path, output: str | None) -> dict[str, Any]:
     shape = info["inputs"][0]["shape"][1:] if len(info["inputs"]) == 1 else None
     info["student_convolution"] = conv_kind(tuple(shape) if shape is not None else None)
     try:
-        OnnxTeacher(path, output=output, device="cpu")
+        teacher = OnnxTeacher(path, output=output, device="cpu")
         info["distill_uses"] = pick_output(sess.get_outputs(), output, path).name
+        if teacher.signature.tokens:
+            from compress.tokens import roles
+
+            names = teacher.signature.inputs
+            r = roles(names)
+            info["student_convolution"] = None
+            mask = f", mask '{names[r.mask]}'" if r.mask is not None else ""
+            info["token_student"] = (
+                f"token ids from '{names[r.ids]}'{mask}; distill takes an .npz with one array per input "
+                "and builds an embedding bag (V x k, the mean over the kept tokens) -> the wide ReLU layer "
+                "(--student 64L-2k)")
         info["usable"], info["why"] = True, None
     except CompressError as e:
         info["distill_uses"], info["usable"], info["why"] = None, False, str(e)

@@ -126,9 +126,9 @@ def _use_split(fit_cfg: FitConfig, device: torch.device, ranks: int, cfg: Studen
     """The split CPU step (compress.split_step) for single-process CPU runs where it pays."""
     import torch
 
-    if fit_cfg.engine == "split" and cfg.front:
-        raise ConfigError("--engine split: only for students without convolutions; use autograd")
-    if fit_cfg.engine == "autograd" or device.type != "cpu" or ranks > 1 or cfg.front:
+    if fit_cfg.engine == "split" and (cfg.front or cfg.vocab):
+        raise ConfigError("--engine split: only for MLP students of float inputs; use autograd")
+    if fit_cfg.engine == "autograd" or device.type != "cpu" or ranks > 1 or cfg.front or cfg.vocab:
         if fit_cfg.engine == "split":
             raise ConfigError("--engine split: only for single-process CPU training")
         return False
@@ -225,7 +225,7 @@ def _linear_relu() -> type:
 
 # The tensors whose shape follows the rank, and the axis that does: checkpoints keep the real rank, so
 # that a run resumes on another device (padded or not) from the same file.
-RANK_AXES = {"bottleneck.weight": 0, "hidden.weight": 1}
+RANK_AXES = {"bottleneck.weight": 0, "embed.weight": 1, "hidden.weight": 1}
 
 
 def _with_rank(tensors: dict[str, Any], rank: int) -> dict[str, Any]:
@@ -310,10 +310,13 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     notes: list[str] = []
 
     n, d = len(x_train), cfg.input_dim
-    mu, sd = _moments(x_train, d)
-    if cfg.front:  # a convolution sees every position alike: one mean and spread per input channel
-        mu, sd = per_channel(mu, sd, cfg.sample_shape)
-    sd, ignored = robust_scale(sd)
+    if cfg.vocab:  # token ids are indices, not measurements: nothing to standardize
+        mu, sd, ignored = np.zeros(0), np.ones(0), 0
+    else:
+        mu, sd = _moments(x_train, d)
+        if cfg.front:  # a convolution sees every position alike: one mean and spread per input channel
+            mu, sd = per_channel(mu, sd, cfg.sample_shape)
+        sd, ignored = robust_scale(sd)
     if ignored:
         notes.append(f"{ignored:,} of {d:,} input features are constant over the transfer data (spread "
                      f"below {CONSTANT_BELOW:g} of the typical feature's): the student ignores them")
@@ -324,7 +327,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
 
     def prep(x: Any, z: Any, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows a:b, standardized, as CPU tensors (the feed moves them), read a chunk at a time."""
-        xs = standardize(x, mu, sd, a, b)
+        xs = np.asarray(x[a:b], dtype=np.int64) if cfg.vocab else standardize(x, mu, sd, a, b)
         zs = standardize(z, z_mean, np.full_like(z_mean, z_scale), a, b)
         return torch.from_numpy(xs), torch.from_numpy(zs)
 
@@ -366,7 +369,9 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     feed = Feed(x_train, z_train, bounds, prep, device, prefetch=read_ahead)
     xv, zv = prep(x_val, z_val, 0, len(x_val))
     xv, zv = xv.to(device), zv.to(device)
-    teacher_top = zv.argmax(dim=1)
+    # top-1 on the logits themselves: the per-class centring of the targets moves argmaxes
+    teacher_top = torch.from_numpy(np.asarray(z_val, dtype=np.float32)).argmax(dim=1).to(device)
+    shift = torch.from_numpy((z_mean / z_scale).astype(np.float32)).to(device)
 
     model = build_student(dataclasses.replace(padded, rank=cfg.rank))
     if k_pad > cfg.rank:  # the real-rank student's first weights, and padding units of zero weights in
@@ -403,7 +408,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
             for i in range(0, xv.shape[0], eval_rows):
                 s = model(xv[i : i + eval_rows])[:, real].float()
                 loss += float(loss_fn(s, zv[i : i + eval_rows])) * s.shape[0]
-                agree += int((s.argmax(dim=1) == teacher_top[i : i + eval_rows]).sum())
+                agree += int(((s + shift).argmax(dim=1) == teacher_top[i : i + eval_rows]).sum())
         model.train()
         scale = z_scale**2 if fit_cfg.loss == "l2" else 1.0  # report L2 in logit units
         return loss / xv.shape[0] * scale, agree / xv.shape[0]

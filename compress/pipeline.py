@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from compress import data as data_mod
-from compress import jsonio
+from compress import jsonio, tokens
 from compress.atomic import atomic_path, exclusive, refuse_overwrite
 from compress.errors import ConfigError, DataError, ExportError, TeacherError
 from compress.fit import FitConfig
@@ -62,6 +62,7 @@ class DistillOptions:
     memory_budget: int | None = None  # bytes of training data held in memory; None: a quarter of RAM
     resume: bool = False  # keep a finished run of the same inputs and options; else continue its checkpoint
     cache_dir: str | None = None  # where the logit cache lives; None: out_dir (sweep shares one)
+    vocab_size: int | None = None  # token-id teachers: the student's V; None: the data's largest id + 1
 
 
 def check_device(device: str) -> None:
@@ -113,15 +114,29 @@ def default_rank(input_dim: int) -> int:
     return min(250, input_dim // 2)
 
 
+TOKEN_RANK = 64  # a token-id student's default embedding size (fastText's range; Tang et al. 2019)
+
+
 def student_config(sample_shape: tuple[int, ...], num_classes: int, width: int,
-                   rank: int | None, spec: str | None = None) -> StudentConfig:
+                   rank: int | None, spec: str | None = None, vocab: int = 0,
+                   inputs: tuple[str, ...] = ()) -> StudentConfig:
     """The student for this teacher: from `spec` (the paper's notation) when given, else width and
-    rank (None: default_rank of the input)."""
+    rank (None: default_rank of the input). With `vocab`, a token-id student (compress.tokens) over
+    the teacher's `inputs`: the rank is its embedding size (TOKEN_RANK when not given)."""
     from compress.student import parse_spec
 
     front: tuple[tuple[str, int, int], ...] = ()
     if spec is not None:
         front, rank, width = parse_spec(spec)
+    if vocab:
+        cfg = StudentConfig(tuple(sample_shape), num_classes, width, TOKEN_RANK if rank is None else rank,
+                            front, vocab, tuple(inputs))
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            said = f"--student {spec or cfg.spec}"
+            raise ConfigError(str(e).replace(f"--student {cfg.spec}", said)) from None
+        return cfg
     probe = StudentConfig(tuple(sample_shape), num_classes, width, 0, front)
     try:
         probe.validate()  # shapes through the convolutions and pooling: a bad token is named here
@@ -261,20 +276,28 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     teacher = load_teacher(list(teachers), output=opts.output, device=opts.fit.device, arch=opts.arch,
                            trust_pickle=opts.trust_pickle)
     sig = teacher.signature
-    x = data_mod.open_inputs(data, sig.sample_shape, what="--data", key=opts.key)  # not read yet
+    dtype = np.int64 if sig.tokens else np.float32  # stacked token ids (compress.tokens), or features
+    # not read yet (float inputs: a memory map or shards)
+    x = data_mod.open_inputs(data, sig.sample_shape, what="--data", key=opts.key, inputs=sig.inputs)
     sample_shape = tuple(int(v) for v in x.shape[1:])
     x_eval = y_eval = None
     if eval_data is not None:
-        x_eval = data_mod.load_inputs(eval_data, sample_shape, what="--eval-data", key=opts.key)
+        x_eval = data_mod.load_inputs(eval_data, sample_shape if not sig.tokens else None, what="--eval-data",
+                                      key=opts.key, inputs=sig.inputs)
         if eval_labels is not None:
             y_eval = data_mod.load_labels(eval_labels, x_eval.shape[0])
     train_idx, val_idx = holdout_split(x.shape[0], opts.fit.seed)
-    probe = teacher.logits(np.asarray(x[0:1], dtype=np.float32))  # the class count; that it runs
-    cfg = student_config(sample_shape, probe.shape[1], opts.width, opts.rank, opts.student)
+    probe = teacher.logits(np.asarray(x[0:1], dtype=dtype))  # the class count; that it runs
+    vocab = (opts.vocab_size or tokens.vocab_size(x, sig.inputs)) if sig.tokens else 0
+    cfg = student_config(sample_shape, probe.shape[1], opts.width, opts.rank, opts.student, vocab,
+                         sig.inputs)
     for p in opts.precisions:
         refuse_too_large(cfg, p)
+    if sig.tokens and augment:
+        raise ConfigError(f"--augment {opts.augment}: not built yet for token-id teachers (mask and n-gram "
+                          "augmentation are planned); distill without it")
     budget = opts.memory_budget or default_memory_budget()
-    row_bytes = 4 * (cfg.input_dim + cfg.num_classes)  # float32 inputs and logits
+    row_bytes = np.dtype(dtype).itemsize * cfg.input_dim + 4 * cfg.num_classes  # inputs and logits
     factor = augment[1] if augment else 1
     streamed = len(x) * factor * row_bytes > budget
     if streamed and augment:
@@ -283,7 +306,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
                           "factor, or no --augment with a transfer set this large")
     check_memory(cfg, opts.fit, 0 if streamed else len(x) * factor * row_bytes)
     if not streamed:
-        x = np.ascontiguousarray(x[0 : len(x)], dtype=np.float32)  # in memory: faster to train on
+        x = np.ascontiguousarray(x[0 : len(x)], dtype=dtype)  # in memory: faster to train on
     if y_eval is not None and y_eval.max() >= cfg.num_classes:
         raise DataError(f"--eval-labels {eval_labels}: has class {int(y_eval.max())} but the teacher "
                         f"gives {cfg.num_classes} classes")
@@ -343,7 +366,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
         n_synthetic = len(x_syn)
 
     # 3. fit on the training part, score on the held-out part
-    x_val = np.asarray(x[val_idx], dtype=np.float32)
+    x_val = np.asarray(x[val_idx], dtype=dtype)
     # streamed: three blocks at most in memory at once (compress/feed.py reads the next one ahead)
     stream_rows = max(opts.fit.batch_size, budget // (3 * row_bytes)) if streamed else None
     checkpoint = out / "checkpoint.pt"
@@ -366,7 +389,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     try:
         extra = [export_precision(exp.path, out / f"student.{p}.onnx", p,  # from the checked fp32 file
                                   x_val, opts.min_agreement, opts.quantize,
-                                  np.asarray(x[train_idx[:512]], dtype=np.float32))
+                                  np.asarray(x[train_idx[:512]], dtype=dtype))
                  for p in opts.precisions if p != "fp32"]
     except ExportError as e:
         raise ExportError(f"{e}. The fp32 student is kept: {out / 'student.onnx'} and student.pt (no "

@@ -27,7 +27,7 @@ def _fold(model: nn.Sequential, mu: np.ndarray, sd: np.ndarray, z_mean: np.ndarr
         out = model.out
         out.weight.mul_(z_scale)
         out.bias.copy_(out.bias.double() * z_scale + torch.from_numpy(z_mean).double())
-        if hasattr(model, "norm"):
+        if hasattr(model, "norm") or hasattr(model, "embed"):  # nothing was standardized on the input side
             return
         first = model.bottleneck if hasattr(model, "bottleneck") else model.hidden
         w = first.weight.double() / torch.from_numpy(sd).double()  # (out, D)

@@ -63,6 +63,10 @@ class StudentConfig:
     width: int  # H, hidden ReLU units
     rank: int  # k, the linear bottleneck; 0 = none
     front: tuple[tuple[str, int, int], ...] = ()  # ("c", filters, kernel) / ("p", window, 0), in order
+    # A token-id student (compress.tokens): V, the rows of its embedding bag, and the teacher's inputs
+    # in order (a sample is their (I, L) stack); vocab 0 for a student of float inputs.
+    vocab: int = 0
+    inputs: tuple[str, ...] = ()
 
     @property
     def input_dim(self) -> int:
@@ -84,13 +88,14 @@ class StudentConfig:
         d = asdict(self)
         d["sample_shape"] = list(self.sample_shape)
         d["front"] = [list(t) for t in self.front]
+        d["inputs"] = list(self.inputs)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
         front = tuple((str(t[0]), int(t[1]), int(t[2])) for t in d.get("front", []))
         return cls(tuple(int(v) for v in d["sample_shape"]), int(d["num_classes"]), int(d["width"]),
-                   int(d["rank"]), front)
+                   int(d["rank"]), front, int(d.get("vocab", 0)), tuple(str(n) for n in d.get("inputs", ())))
 
     def validate(self) -> None:
         if self.width < 1:
@@ -104,6 +109,8 @@ class StudentConfig:
         cannot apply to this input (a conv on a flat vector of features is fine: (L,) is a signal)."""
         out: list[Layer] = []
         shape = tuple(self.sample_shape)
+        if self.vocab:
+            return self._token_layers()
         if self.front:
             if len(shape) not in (1, 2, 3):
                 raise ConfigError(f"--student {self.spec}: convolution needs a teacher input of shape (L,), "
@@ -135,6 +142,20 @@ class StudentConfig:
         out.append(Layer("out", "out", (self.width,), (self.num_classes,), self.num_classes, 0,
                          self.width * self.num_classes + self.num_classes, 2 * self.width * self.num_classes))
         return tuple(out)
+
+
+    def _token_layers(self) -> tuple[Layer, ...]:
+        """embed (a V x k bag of the ids, the mean over the tokens the mask keeps) -> hidden -> out."""
+        if self.front:
+            raise ConfigError(f"--student {self.spec}: a token-id teacher takes no convolution or pooling "
+                              "here; use <k>L-<H> (an embedding bag of k, then the wide layer)")
+        if self.rank < 1:
+            raise ConfigError(f"--student {self.spec}: a token-id teacher needs the bottleneck, the size of "
+                              "its embedding bag: give <k>L-<H> or --rank k (e.g. 64L-2k)")
+        k, h, c, tokens = self.rank, self.width, self.num_classes, self.sample_shape[-1]
+        return (Layer("embed", "embed", tuple(self.sample_shape), (k,), k, 0, self.vocab * k, 2 * tokens * k),
+                Layer("hidden", "hidden", (k,), (h,), h, 0, k * h + h, 2 * k * h),
+                Layer("out", "out", (h,), (c,), c, 0, h * c + c, 2 * h * c))
 
 
 def conv_kind(sample_shape: tuple[int | None, ...] | None) -> str:
@@ -249,7 +270,12 @@ def build_student(cfg: StudentConfig) -> torch.nn.Sequential:
     cfg.validate()
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for layer in cfg.layers():
-        if layer.kind == "norm":
+        if layer.kind == "embed":
+            from compress.tokens import roles
+
+            r = roles(cfg.inputs)
+            layers["embed"] = _embedding_bag_class()(cfg.vocab, layer.size, r.ids, r.mask)
+        elif layer.kind == "norm":
             layers["norm"] = _standardize_class()(layer.in_shape)  # identity until fit sets it
         elif layer.kind == "unsqueeze":
             layers["unsqueeze"] = nn.Unflatten(1, layer.out_shape)  # (N, L) -> (N, 1, L)
@@ -269,6 +295,36 @@ def build_student(cfg: StudentConfig) -> torch.nn.Sequential:
         else:
             layers["out"] = nn.Linear(layer.in_shape[0], layer.size)  # (N, H) -> (N, C)
     return nn.Sequential(layers)
+
+
+@functools.cache
+def _embedding_bag_class() -> type:
+    from torch import nn
+
+    class EmbeddingBag(nn.Module):
+        """(N, I, L) stacked token inputs -> (N, k): the mean of the ids' rows over the tokens the mask
+        keeps. An id at or above V counts as a token whose row is zero (never an index error)."""
+
+        def __init__(self, vocab: int, dim: int, ids: int, mask: int | None) -> None:
+            import torch
+
+            super().__init__()
+            self.vocab, self.ids, self.mask = vocab, ids, mask
+            self.weight = nn.Parameter(torch.randn(vocab, dim))
+
+        def forward(self, x: Any) -> Any:
+            import torch
+            import torch.nn.functional as F
+
+            ids = x[:, self.ids]
+            keep = (x[:, self.mask] > 0) if self.mask is not None else torch.ones_like(ids, dtype=torch.bool)
+            keep = keep.to(self.weight.dtype)
+            known = keep * (ids < self.vocab).to(self.weight.dtype)
+            bag = F.embedding_bag(ids.clamp(0, self.vocab - 1), self.weight, mode="sum",
+                                  per_sample_weights=known)
+            return bag / keep.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+    return EmbeddingBag
 
 
 @functools.cache
@@ -306,7 +362,8 @@ def save_student(model: torch.nn.Module, cfg: StudentConfig, path: str, meta: di
     payload = {"format": FORMAT, "config": cfg.to_dict(), "meta": meta,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     if check_inputs is not None:
-        payload["check_inputs"] = torch.as_tensor(check_inputs, dtype=torch.float32)
+        payload["check_inputs"] = torch.as_tensor(check_inputs,
+                                                  dtype=torch.int64 if cfg.vocab else torch.float32)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk raises OSError
         torch.save(payload, f)
 

@@ -163,6 +163,9 @@ def say_notes(report: dict[str, Any]) -> None:
               help="Continue an interrupted run from --out/checkpoint.pt (saved after every epoch).")
 @click.option("--bench-seconds", type=SECONDS, default=1.0, show_default=True,
               help="Latency timing budget per model and batch size.")
+@click.option("--vocab-size", type=click.IntRange(1, 100_000_000), default=None,
+              help="Token-id teachers: rows of the student's embedding table; ids at or above it count "
+                   "as unknown tokens [default: the transfer data's largest id + 1].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
 def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_labels: Path | None,
             out_dir: Path, output: str | None, arch: str | None, trust_pickle: bool, key: str | None,
@@ -170,7 +173,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
             lr: float, loss: str, temperature: float, device: str, seed: int, engine: str, precision: str,
             min_agreement: float,
             quantize: str, augment: str | None, memory_budget: int | None, resume: bool,
-            bench_seconds: float, as_json: bool) -> None:
+            bench_seconds: float, vocab_size: int | None, as_json: bool) -> None:
     """Distill TEACHER (several: their ensemble) into a wide, shallow student.
 
     Writes student.onnx, student.pt, report.json and report.md into --out.
@@ -184,7 +187,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
         width=width, rank=rank, student=student_spec, out_dir=str(out_dir), output=output, key=key,
         precisions=parse_precisions(precision), min_agreement=min_agreement, quantize=quantize,
         arch=arch, trust_pickle=trust_pickle, latency_budget_s=bench_seconds, augment=augment,
-        memory_budget=memory_budget, resume=resume,
+        memory_budget=memory_budget, resume=resume, vocab_size=vocab_size,
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                       temperature=temperature, device=device, seed=seed, engine=engine),
     )
@@ -233,7 +236,8 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
     data_mod.check_key(key, data)
     teacher = load_teacher(list(teachers), output=output, device=device, arch=arch,
                            trust_pickle=trust_pickle)
-    x = data_mod.open_inputs(data, teacher.signature.sample_shape, key=key)  # read chunk by chunk
+    x = data_mod.open_inputs(data, teacher.signature.sample_shape, key=key,  # read chunk by chunk
+                             inputs=teacher.signature.inputs)
     key_ = cache_key(list(teachers), data, teacher.signature.output_name, x.shape[0])
     world = distributed.init()
     if world.size > 1:  # torchrun: each rank labels its shard, rank 0 writes
@@ -403,7 +407,7 @@ def export(student: Path, out_path: Path, data: Path | None, precision: str, min
     model, cfg, meta = load_student(str(student))
     refuse_too_large(cfg, precision)
     try:
-        sig = Signature(**{**meta["signature"], "sample_shape": tuple(meta["signature"]["sample_shape"])})
+        sig = Signature.from_dict(meta["signature"])
         np.dtype(sig.input_dtype)
     except (TypeError, ValueError):
         raise ConfigError(f"STUDENT {student}: its teacher signature is not readable") from None
@@ -450,7 +454,7 @@ def compare(teacher: Path, student: Path, data: Path, labels: Path | None, outpu
     except TeacherError as e:  # the second model is the student: name it so
         msg = str(e)
         raise TeacherError("STUDENT" + msg[len("TEACHER"):] if msg.startswith("TEACHER") else msg) from None
-    x = data_mod.load_inputs(data, t.signature.sample_shape, key=key)
+    x = data_mod.load_inputs(data, t.signature.sample_shape, key=key, inputs=t.signature.inputs)
     y = data_mod.load_labels(labels, x.shape[0], what="--labels", data_what="--data") if labels else None
     report = run(t, s, x, y, batches=batches, labels_what=f"--labels {labels}")
     report["eval"]["source"] = f"--data {data.name}"

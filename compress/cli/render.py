@@ -175,6 +175,8 @@ def print_description(info: dict[str, Any]) -> None:
         console.print(table)
     if info["usable"]:
         console.print(f"distill uses: {info['distill_uses']}")
+        if info.get("token_student"):
+            console.print(f"text students: {info['token_student']}")
         if info.get("student_convolution"):
             console.print(f"conv students (--student 32c-p-256L-8k): {info['student_convolution']}")
     else:

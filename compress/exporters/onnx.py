@@ -92,7 +92,7 @@ def internal_prefix(sig: Signature) -> str:
     lengthened while the teacher's input or output name starts with it, so that no interface name of
     any teacher can collide with an internal one (ONNX requires each value to be defined once)."""
     p = "student/"
-    while sig.input_name.startswith(p) or sig.output_name.startswith(p):
+    while any(n.startswith(p) for n in (sig.input_name, *sig.inputs, sig.output_name)):
         p = p[:-1] + "_/"
     return p
 
@@ -103,16 +103,23 @@ def _graph(inits: list[onnx.TensorProto], cfg: StudentConfig, sig: Signature) ->
     p = internal_prefix(sig)
 
     dtype = helper.np_dtype_to_tensor_dtype(np.dtype(sig.input_dtype))
-    x = helper.make_tensor_value_info(sig.input_name, dtype, ["batch", *cfg.sample_shape])
     y = helper.make_tensor_value_info(sig.output_name, TensorProto.FLOAT, ["batch", cfg.num_classes])
     nodes, extra = [], []
+    if cfg.vocab:  # the teacher's token inputs, each [batch, sequence], any of them unused
+        xs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.dtype(t)),
+                                            ["batch", "sequence"])
+              for n, t in zip(sig.inputs, sig.input_dtypes, strict=True)]
+    else:
+        xs = [helper.make_tensor_value_info(sig.input_name, dtype, ["batch", *cfg.sample_shape])]
     src = sig.input_name
-    if dtype != TensorProto.FLOAT:
+    if dtype != TensorProto.FLOAT and not cfg.vocab:
         nodes.append(helper.make_node("Cast", [src], [p + "x_float"], to=TensorProto.FLOAT))
         src = p + "x_float"
     for layer in cfg.layers():  # the one layer list (compress/student.py), input to output
         name, v = layer.name, p + layer.name
-        if layer.kind == "norm":  # (x - mean) * scale, exact at the convolutions' padded borders
+        if layer.kind == "embed":
+            _embedding_bag(nodes, extra, cfg, sig, v)
+        elif layer.kind == "norm":  # (x - mean) * scale, exact at the convolutions' padded borders
             nodes.append(helper.make_node("Sub", [src, v + ".mean"], [v + "_centred"], name="norm_sub"))
             nodes.append(helper.make_node("Mul", [v + "_centred", v + ".scale"], [v + "_out"], name="norm"))
         elif layer.kind == "unsqueeze":  # (N, L) -> (N, 1, L): one channel
@@ -141,13 +148,48 @@ def _graph(inits: list[onnx.TensorProto], cfg: StudentConfig, sig: Signature) ->
             nodes.append(helper.make_node("Gemm", [src, v + ".weight", v + ".bias"], [sig.output_name],
                                           name=name, transB=1))  # (N, H) -> (N, C)
         src = v + "_out"
-    graph = helper.make_graph(nodes, "compress_student", [x], [y], initializer=[*inits, *extra])
+    graph = helper.make_graph(nodes, "compress_student", xs, [y], initializer=[*inits, *extra])
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                           producer_name="compress")
     m.ir_version = IR_VERSION
     m.doc_string = (f"SNN-MIMIC student {cfg.spec}: width {cfg.width}, rank {cfg.rank}, "
                     f"{cfg.input_dim} inputs, {cfg.num_classes} outputs")
     return m
+
+
+def _embedding_bag(nodes: list[Any], extra: list[Any], cfg: StudentConfig, sig: Signature, v: str) -> None:
+    """(N, k) = the mean of the ids' rows of `v.weight` (V x k) over the tokens the attention mask keeps;
+    an id outside 0..V-1 counts as a token with a zero row. Integer constants only (no parameters)."""
+    from onnx import TensorProto, helper
+
+    from compress.tokens import roles
+
+    r = roles(sig.inputs)
+
+    def const(name: str, values: list[int], dims: list[int]) -> str:
+        extra.append(helper.make_tensor(v + name, TensorProto.INT64, dims, values))
+        return v + name
+
+    def node(op: str, inputs: list[str], out: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [v + out], **attrs))
+        return v + out
+
+    zero, one, top = const(".zero", [0], []), const(".one", [1], []), const(".last_id", [cfg.vocab - 1], [])
+    ids = node("Cast", [sig.inputs[r.ids]], "_ids", to=TensorProto.INT64)
+    if r.mask is not None:
+        keep = node("Greater", [node("Cast", [sig.inputs[r.mask]], "_mask", to=TensorProto.INT64), zero],
+                    "_keep")
+    else:
+        keep = node("GreaterOrEqual", [ids, zero], "_keep")  # every token
+    known = node("And", [keep, node("LessOrEqual", [ids, top], "_in_vocab")], "_known")
+    rows = node("Gather", [v + ".weight", node("Min", [node("Max", [ids, zero], "_nonneg"), top], "_row")],
+                "_rows")  # (N, L, k)
+    axis1, axis2 = const(".axis1", [1], [1]), const(".axis2", [2], [1])
+    weights = node("Unsqueeze", [node("Cast", [known], "_w", to=TensorProto.FLOAT), axis2], "_w3")
+    total = node("ReduceSum", [node("Mul", [rows, weights], "_weighted"), axis1], "_sum", keepdims=0)
+    count = node("Max", [node("ReduceSum", [node("Cast", [keep], "_k64", to=TensorProto.INT64), axis1],
+                              "_count64", keepdims=1), one], "_count1")
+    node("Div", [total, node("Cast", [count], "_count", to=TensorProto.FLOAT)], "_out")
 
 
 def _check(path: str, model: torch.nn.Module, sig: Signature, x: np.ndarray) -> tuple[float, float]:
@@ -167,14 +209,22 @@ def _check(path: str, model: torch.nn.Module, sig: Signature, x: np.ndarray) -> 
     names = [o.name for o in sess.get_outputs()]
     if names != [sig.output_name]:
         failures.append(f"outputs are {names}, expected ['{sig.output_name}']")
-    if [i.name for i in sess.get_inputs()] != [sig.input_name]:
-        failures.append(f"input is not named '{sig.input_name}'")
+    want = list(sig.inputs) if sig.tokens else [sig.input_name]
+    if [i.name for i in sess.get_inputs()] != want:
+        failures.append(f"inputs are {[i.name for i in sess.get_inputs()]}, expected {want}")
     if failures:
         raise ExportError("exported ONNX has the wrong interface", failures)
-    (got,) = sess.run(None, {sig.input_name: x.astype(sig.input_dtype)})
+    if sig.tokens:
+        from compress.tokens import feeds
+
+        (got,) = sess.run(None, feeds(sig.inputs, sig.input_dtypes, x))
+        xt, xt64 = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(x.astype(np.int64))
+    else:
+        (got,) = sess.run(None, {sig.input_name: x.astype(sig.input_dtype)})
+        xt, xt64 = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(x.astype(np.float64))
     with torch.no_grad():
-        ref = model(torch.from_numpy(x.astype(np.float32))).numpy()
-        ref64 = _forward64(model, torch.from_numpy(x.astype(np.float64))).numpy()
+        ref = model(xt).numpy()
+        ref64 = _forward64(model, xt64).numpy()
     if got.shape != ref.shape:
         raise ExportError("exported ONNX gives the wrong shape",
                           [f"'{sig.output_name}': {got.shape} vs torch {ref.shape}"])

@@ -193,6 +193,10 @@ def refuse_too_large(cfg: Any, precision: str) -> None:
     from compress.exporters.onnx import too_large
     from compress.student import count_params
 
+    if precision != "fp32" and getattr(cfg, "vocab", 0):
+        raise ConfigError(f"--precision {precision}: not built yet for token-id students (their embedding "
+                          "table needs per-row int8 scales); only the fp32 export is written. Leave out "
+                          "--precision")
     if precision != "fp32" and too_large(cfg):
         n = count_params(cfg)
         raise ConfigError(f"--precision {precision}: a student of {n:,} weights "

@@ -33,6 +33,20 @@ class Signature:
     input_dtype: str  # numpy dtype name, e.g. "float32"
     output_name: str
     batch: int | None  # a batch size baked into the model, or None when the batch axis is dynamic
+    # token-id teachers (compress.tokens): every input's name and dtype, in the model's order; a sample
+    # is then the (I, L) stack of them. Empty for a teacher of one float input.
+    inputs: tuple[str, ...] = ()
+    input_dtypes: tuple[str, ...] = ()
+
+    @property
+    def tokens(self) -> bool:
+        return bool(self.inputs)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Signature:
+        shape = d.get("sample_shape")
+        return cls(**{**d, "sample_shape": None if shape is None else tuple(shape),
+                      "inputs": tuple(d.get("inputs", ())), "input_dtypes": tuple(d.get("input_dtypes", ()))})
 
 
 class Teacher(Protocol):

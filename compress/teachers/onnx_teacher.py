@@ -25,6 +25,7 @@ from compress.teachers import (
     probabilities_to_logits,
     run_batched,
 )
+from compress.tokens import INT_TYPES, feeds, is_token_input, roles
 
 FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 PROBABILITY_OPS = {"Softmax", "Normalizer", "ZipMap"}  # graph nodes whose output is probabilities
@@ -134,6 +135,8 @@ class OnnxTeacher:
 
     def _signature(self, output: str | None) -> Signature:
         inputs = self.session.get_inputs()
+        if inputs and all(is_token_input(i) for i in inputs):
+            return self._token_signature(inputs, output)
         if len(inputs) != 1:
             names = [i.name for i in inputs]
             raise TeacherError(f"TEACHER {self.path}: has {len(inputs)} inputs {names}; compress needs "
@@ -150,9 +153,28 @@ class OnnxTeacher:
                          input_dtype=np.dtype(FLOAT_TYPES[inp.type]).name, output_name=out.name,
                          batch=dims[0])
 
+    def _token_signature(self, inputs: list[Any], output: str | None) -> Signature:
+        """Integer inputs [batch, sequence] (compress.tokens); the output must be per-example scores."""
+        names = tuple(i.name for i in inputs)
+        r = roles(names, f"TEACHER {self.path}")
+        out = pick_output(self.session.get_outputs(), output, self.path)
+        if len(out.shape) != 2:
+            shape = ", ".join(str(d) for d in out.shape)
+            raise TeacherError(f"TEACHER {self.path}: output '{out.name}' is [{shape}], not per-example "
+                               "class scores [batch, classes] (an encoder needs its pooling and classifier "
+                               "head in the model)")
+        first = inputs[0].shape[0]
+        return Signature(input_name=names[r.ids], sample_shape=(len(names), None),
+                         input_dtype="int64", output_name=out.name,
+                         batch=first if isinstance(first, int) and first > 0 else None, inputs=names,
+                         input_dtypes=tuple(np.dtype(INT_TYPES[i.type]).name for i in inputs))
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
         sig = self.signature
-        feed = {sig.input_name: batch.astype(sig.input_dtype, copy=False)}
+        if sig.tokens:
+            feed = feeds(sig.inputs, sig.input_dtypes, batch)
+        else:
+            feed = {sig.input_name: batch.astype(sig.input_dtype, copy=False)}
         try:
             (y,) = self.session.run([sig.output_name], feed)
         except Exception as e:
