@@ -164,9 +164,9 @@ def test_targets_compare_and_vocab_size_take_token_data(text_run, tmp_path):
     r = CliRunner().invoke(cli, ["compare", str(teacher), str(text_run / "run" / "student.onnx"), "--data",
                                  str(data), "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["fidelity"]["agreement"] >= 0.7
+    assert json.loads(r.stdout)["fidelity"]["agreement"] >= 0.7
     r = CliRunner().invoke(cli, ["distill", str(teacher), "--data", str(data), "--student", "16L-500",
                                  "--vocab-size", "100", "--epochs", "1", "--bench-seconds", "0.05",
                                  "--json", "--out", str(tmp_path / "small")])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["student"]["params"] == 100 * 16 + 16 * 500 + 500 + 500 * CLASSES + CLASSES
+    assert json.loads(r.stdout)["student"]["params"] == 100 * 16 + 16 * 500 + 500 + 500 * CLASSES + CLASSES
