@@ -66,15 +66,15 @@ def atomic_path(final: str | Path) -> Iterator[str]:
                 tmp.unlink()
 
 
-def new_memmap(path: str | Path, shape: tuple[int, ...], final: str | Path) -> Any:
-    """A new float32 `.npy` memory map at `path` with its disk allocated now: a map written past a full
-    disk kills the process with SIGBUS instead of raising. A disk too small for it is an OutputError
-    naming `final` (the file it becomes), and leaves no file at `path`."""
+def new_memmap(path: str | Path, shape: tuple[int, ...], final: str | Path, dtype: str = "float32") -> Any:
+    """A new `.npy` memory map (float32 unless `dtype` says otherwise) at `path` with its disk allocated
+    now: a map written past a full disk kills the process with SIGBUS instead of raising. A disk too
+    small for it is an OutputError naming `final` (the file it becomes), and leaves no file at `path`."""
     import numpy as np
 
     try:
         with writing(final):
-            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
         _allocate(Path(path), final)
     except BaseException:
         Path(path).unlink(missing_ok=True)

@@ -35,12 +35,18 @@ def onnx_session(path: str | Path, device: str = "cpu") -> Any:
 
 
 def run_onnx(path: str | Path, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """The first output of an ONNX model with one input, over x in batches."""
+    """The first output of an ONNX model, over x in batches (one input, or token inputs stacked)."""
     from compress.teachers import run_batched
 
     sess = onnx_session(path)
-    inp = sess.get_inputs()[0]
-    return run_batched(lambda b: sess.run(None, {inp.name: b})[0], x, batch_size)
+    inputs = sess.get_inputs()
+    if len(inputs) > 1:  # token inputs, x their (N, I, L) stack (compress.tokens)
+        from compress.tokens import feeds
+
+        names, dtypes = tuple(i.name for i in inputs), tuple("int32" if "int32" in i.type else "int64"
+                                                             for i in inputs)
+        return run_batched(lambda b: sess.run(None, feeds(names, dtypes, b))[0], x, batch_size)
+    return run_batched(lambda b: sess.run(None, {inputs[0].name: b})[0], x, batch_size)
 
 
 def model_latency(model: Any, sample: np.ndarray, batches: tuple[int, ...] = LATENCY_BATCHES,

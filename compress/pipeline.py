@@ -63,6 +63,7 @@ class DistillOptions:
     resume: bool = False  # keep a finished run of the same inputs and options; else continue its checkpoint
     cache_dir: str | None = None  # where the logit cache lives; None: out_dir (sweep shares one)
     vocab_size: int | None = None  # token-id teachers: the student's V; None: the data's largest id + 1
+    mask_id: int | None = None  # token-id teachers, --augment mask: the id that replaces tokens
 
 
 def check_device(device: str) -> None:
@@ -293,9 +294,18 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
                          sig.inputs)
     for p in opts.precisions:
         refuse_too_large(cfg, p)
-    if sig.tokens and augment:
-        raise ConfigError(f"--augment {opts.augment}: not built yet for token-id teachers (mask and n-gram "
-                          "augmentation are planned); distill without it")
+    if sig.tokens and opts.quantize != "weights" and "int8" in opts.precisions:
+        raise ConfigError(f"--quantize {opts.quantize}: token-id students are quantized by weights (int8 "
+                          "rows of the embedding table, each with its scale); leave out --quantize")
+    if augment:
+        from compress.augment import TOKEN_METHODS
+
+        if sig.tokens != (augment[0] in TOKEN_METHODS):
+            fits = ("mask or ngram (e.g. mask:5)" if sig.tokens else "munge, noise or mixup (e.g. munge:20)")
+            raise ConfigError(f"--augment {opts.augment}: this teacher's inputs take {fits}")
+        if augment[0] == "mask" and opts.mask_id is None:
+            raise ConfigError(f"--augment {opts.augment}: give --mask-id, the tokenizer's [MASK] (or [UNK]) "
+                              "id that replaces tokens (103 in BERT's WordPiece vocabulary)")
     budget = opts.memory_budget or default_memory_budget()
     row_bytes = np.dtype(dtype).itemsize * cfg.input_dim + 4 * cfg.num_classes  # inputs and logits
     factor = augment[1] if augment else 1
@@ -351,10 +361,10 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
         from compress.augment import generate
 
         method, factor = augment
-        tag = f"{method}{factor}_seed{opts.fit.seed}"
+        tag = f"{method}{factor}_seed{opts.fit.seed}" + (f"_id{opts.mask_id}" if method == "mask" else "")
         x_real = x[train_idx]  # in memory: --augment needs the set to fit the budget
         x_syn = generate(x_real, method, factor, cache.parent / f"augmented_{tag}.npy", opts.fit.seed,
-                         lambda done, n: say("augment", done=done, total=n))
+                         lambda done, n: say("augment", done=done, total=n), sig.inputs, opts.mask_id)
         syn_key = {**key, "augment": tag, "samples": int(len(x_syn))}
         z_syn = load_cached(cache.parent / f"targets_{tag}.npy", syn_key)
         if z_syn is None:

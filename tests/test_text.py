@@ -25,7 +25,8 @@ def text_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("text")
     teacher, data = export(d / "teacher.onnx"), save_texts(d / "x.npz", 6000)
     r = CliRunner().invoke(cli, ["distill", str(teacher), "--data", str(data), "--student", "64L-2k",
-                                 "--epochs", "12", "--bench-seconds", "0.05", "--out", str(d / "run")])
+                                 "--epochs", "12", "--bench-seconds", "0.05", "--precision", "fp16,int8",
+                                 "--out", str(d / "run")])
     assert r.exit_code == 0, r.output
     return d
 
@@ -170,3 +171,62 @@ def test_targets_compare_and_vocab_size_take_token_data(text_run, tmp_path):
                                  "--json", "--out", str(tmp_path / "small")])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["student"]["params"] == 100 * 16 + 16 * 500 + 500 + 500 * CLASSES + CLASSES
+
+
+def test_fp16_and_int8_exports_decode_only_the_rows_they_gather(text_run):
+    """The embedding table is stored int8 with one scale per row (fp16: as float16), and only the rows
+    a batch gathers are decoded; both pass the agreement guard and run on unseen ids."""
+    report = json.loads((text_run / "run" / "report.json").read_text())
+    fp32 = (text_run / "run" / "student.onnx").stat().st_size
+    got = {e["precision"]: e for e in report["exports"]}
+    assert got["int8"]["size_bytes"] <= 0.35 * fp32 and got["fp16"]["size_bytes"] <= 0.55 * fp32
+    assert got["int8"]["agreement_with_fp32"] >= 0.99 and got["fp16"]["agreement_with_fp32"] >= 0.99
+    model = onnx.load(str(text_run / "run" / "student.int8.onnx"))
+    table = next(i for i in model.graph.initializer if i.name.endswith("embed.weight_int8"))
+    assert table.data_type == onnx.TensorProto.INT8 and list(table.dims) == [VOCAB, 64]
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] == table.name for n in model.graph.node)
+    t = texts(16, length=4, seed=5)
+    t["input_ids"][:, 0] = 10**6
+    x = np.stack([t[n] for n in NAMES], axis=1)
+    for name in ("student.int8.onnx", "student.fp16.onnx"):
+        sess = ort.InferenceSession(str(text_run / "run" / name), providers=["CPUExecutionProvider"])
+        out = sess.run(None, feeds(NAMES, ("int64",) * 3, x))[0]
+        assert out.shape == (16, CLASSES) and np.isfinite(out).all()
+
+
+def test_mask_and_ngram_texts_keep_the_frame_and_the_shape():
+    from compress.augment import MASK_P, _token_rows
+
+    t = texts(400, length=30, seed=7)
+    x = np.stack([t[n] for n in NAMES], axis=1)
+    rng = np.random.default_rng(0)
+    masked = _token_rows(x, np.arange(400), "mask", rng, NAMES, mask_id=999)
+    assert masked.shape == x.shape and masked.dtype == np.int64
+    np.testing.assert_array_equal(masked[:, 1:], x[:, 1:])  # mask and token types untouched
+    changed = masked[:, 0] != x[:, 0]
+    assert (masked[:, 0][changed] == 999).all()
+    lengths = x[:, 1].sum(1)
+    assert not changed[np.arange(400), 0].any() and not changed[np.arange(400), lengths - 1].any()
+    share = changed.sum() / (lengths - 2).clip(0).sum()
+    assert abs(share - MASK_P) < 0.03
+    grams = _token_rows(x, np.arange(400), "ngram", rng, NAMES, None)
+    for i in range(400):
+        n = int(grams[i, 1].sum())
+        assert 2 <= n <= lengths[i] and (grams[i, 1, :n] == 1).all() and (grams[i, :, n:] == 0).all()
+        ids, src = grams[i, 0, :n], x[i, 0, : lengths[i]]
+        assert ids[0] == src[0] and ids[-1] == src[-1]  # the frame: first and last token
+        inner = ids[1:-1]
+        if inner.size:  # a contiguous window of the text's inner tokens
+            k = inner.size
+            assert any((src[j : j + k] == inner).all() for j in range(1, lengths[i] - k)), (ids, src)
+
+
+def test_ngram_augmentation_labels_synthetic_texts_and_helps(text_run, tmp_path):
+    plain = json.loads((text_run / "run" / "report.json").read_text())["fidelity"]["agreement"]
+    r = CliRunner().invoke(cli, ["distill", str(text_run / "teacher.onnx"), "--data", str(text_run / "x.npz"),
+                                 "--student", "64L-2k", "--epochs", "12", "--augment", "ngram:4",
+                                 "--bench-seconds", "0.05", "--json", "--out", str(tmp_path / "aug")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["transfer"]["synthetic"] == 3 * rep["transfer"]["real_train"]
+    assert rep["fidelity"]["agreement"] > plain, (rep["fidelity"], plain)

@@ -155,7 +155,8 @@ def say_notes(report: dict[str, Any]) -> None:
 @fit_options
 @export_options(multiple=True)
 @click.option("--augment", default=None, metavar="METHOD:FACTOR",
-              help="Add synthetic transfer data: munge, noise or mixup, times FACTOR (e.g. munge:20).")
+              help="Add synthetic transfer data, times FACTOR: munge, noise or mixup (e.g. munge:20); for "
+                   "token-id teachers mask or ngram (e.g. ngram:5).")
 @click.option("--memory-budget", type=SizeType(), default=None,
               help="Training data held in memory at most (e.g. 4G); larger transfer sets are streamed "
                    "from disk in blocks [default: a quarter of RAM].")
@@ -166,6 +167,9 @@ def say_notes(report: dict[str, Any]) -> None:
 @click.option("--vocab-size", type=click.IntRange(1, 100_000_000), default=None,
               help="Token-id teachers: rows of the student's embedding table; ids at or above it count "
                    "as unknown tokens [default: the transfer data's largest id + 1].")
+@click.option("--mask-id", type=click.IntRange(0, 2**62), default=None,
+              help="Token-id teachers, --augment mask:F: the id that replaces tokens (the tokenizer's "
+                   "[MASK] or [UNK]; 103 in BERT's WordPiece).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
 def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_labels: Path | None,
             out_dir: Path, output: str | None, arch: str | None, trust_pickle: bool, key: str | None,
@@ -173,7 +177,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
             lr: float, loss: str, temperature: float, device: str, seed: int, engine: str, precision: str,
             min_agreement: float,
             quantize: str, augment: str | None, memory_budget: int | None, resume: bool,
-            bench_seconds: float, vocab_size: int | None, as_json: bool) -> None:
+            bench_seconds: float, vocab_size: int | None, mask_id: int | None, as_json: bool) -> None:
     """Distill TEACHER (several: their ensemble) into a wide, shallow student.
 
     Writes student.onnx, student.pt, report.json and report.md into --out.
@@ -187,7 +191,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
         width=width, rank=rank, student=student_spec, out_dir=str(out_dir), output=output, key=key,
         precisions=parse_precisions(precision), min_agreement=min_agreement, quantize=quantize,
         arch=arch, trust_pickle=trust_pickle, latency_budget_s=bench_seconds, augment=augment,
-        memory_budget=memory_budget, resume=resume, vocab_size=vocab_size,
+        memory_budget=memory_budget, resume=resume, vocab_size=vocab_size, mask_id=mask_id,
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                       temperature=temperature, device=device, seed=seed, engine=engine),
     )

@@ -41,17 +41,49 @@ _CALIBRATION_SAMPLES = 512
 KEEP_FP32 = ("norm_sub", "norm", "bottleneck")
 
 
+def _gathered(m: Any) -> dict[str, Any]:
+    """Initializers read by a Gather (a token student's embedding table), by name: their Gather node."""
+    return {n.input[0]: n for n in m.graph.node if n.op_type == "Gather"}
+
+
+def _decode_rows(m: Any, gather: Any, stored: str, scale: str | None) -> None:
+    """Replace `gather` (rows of a float table) by a Gather of the stored rows, cast to float32 and, with
+    `scale` (one per row), multiplied by their scales: only the rows a batch uses are decoded, never
+    the whole V x k table (at batch 1 that would cost more than the rest of the student)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    out, idx, p = gather.output[0], gather.input[1], gather.output[0] + "/"
+    nodes = [helper.make_node("Gather", [stored, idx], [p + "stored"]),
+             helper.make_node("Cast", [p + "stored"], [p + "float" if scale else out], to=TensorProto.FLOAT)]
+    if scale:
+        m.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), p + "last_axis"))
+        nodes += [helper.make_node("Gather", [scale, idx], [p + "scale"]),
+                  helper.make_node("Unsqueeze", [p + "scale", p + "last_axis"], [p + "scale3"]),
+                  helper.make_node("Mul", [p + "float", p + "scale3"], [out])]
+    at = list(m.graph.node).index(gather)
+    kept = [n for n in m.graph.node if n is not gather]
+    del m.graph.node[:]
+    m.graph.node.extend(kept[:at] + nodes + kept[at:])
+
+
 def to_fp16_weights(model: Any) -> Any:
-    """Float32 initializers -> float16 ones plus a Cast back to float32 at the top of the graph."""
+    """Float32 initializers -> float16 ones plus a Cast back to float32 at the top of the graph (an
+    embedding table: its gathered rows only)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
     casts, inits = [], []
+    gathered = _gathered(m)
     for init in m.graph.initializer:
         if init.data_type != TensorProto.FLOAT:
             inits.append(init)
+            continue
+        if init.name in gathered:
+            inits.append(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16),
+                                                 init.name + "_fp16"))
+            _decode_rows(m, gathered[init.name], init.name + "_fp16", None)
             continue
         half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "_fp16")
         inits.append(half)
@@ -80,12 +112,23 @@ def to_int8_weights(model: Any) -> Any:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     gemm_weights = [n.input[1] for n in m.graph.node if n.op_type == "Gemm"]
-    first = gemm_weights[0] if gemm_weights else None
+    gathered = _gathered(m)
+    # the first weights the input meets, unless a token student's embedding table comes first (its
+    # input is a bag of rows, not standardized features)
+    first = gemm_weights[0] if gemm_weights and not gathered else None
     deq, inits = [], []
     for init in m.graph.initializer:
         w = numpy_helper.to_array(init)
         if init.data_type != TensorProto.FLOAT or w.ndim != 2:
             inits.append(init)
+            continue
+        if init.name in gathered:  # per-row scales, rows decoded as gathered
+            scale = np.abs(w).max(axis=1) / 127.0
+            scale[scale == 0] = 1.0
+            q = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+            inits += [numpy_helper.from_array(q, init.name + "_int8"),
+                      numpy_helper.from_array(scale.astype(np.float32), init.name + "_scale")]
+            _decode_rows(m, gathered[init.name], init.name + "_int8", init.name + "_scale")
             continue
         axis = 1 if init.name == first else 0
         scale = np.abs(w).max(axis=1 - axis) / 127.0  # one per row (axis 0) or column (axis 1)
@@ -193,10 +236,6 @@ def refuse_too_large(cfg: Any, precision: str) -> None:
     from compress.exporters.onnx import too_large
     from compress.student import count_params
 
-    if precision != "fp32" and getattr(cfg, "vocab", 0):
-        raise ConfigError(f"--precision {precision}: not built yet for token-id students (their embedding "
-                          "table needs per-row int8 scales); only the fp32 export is written. Leave out "
-                          "--precision")
     if precision != "fp32" and too_large(cfg):
         n = count_params(cfg)
         raise ConfigError(f"--precision {precision}: a student of {n:,} weights "

