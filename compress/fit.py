@@ -225,7 +225,7 @@ def _linear_relu() -> type:
 
 # The tensors whose shape follows the rank, and the axis that does: checkpoints keep the real rank, so
 # that a run resumes on another device (padded or not) from the same file.
-RANK_AXES = {"bottleneck.weight": 0, "embed.weight": 1, "hidden.weight": 1}
+RANK_AXES = {"bottleneck.weight": 0, "embed.weight": 1, "embed.ngram": 1, "hidden.weight": 1}
 
 
 def _with_rank(tensors: dict[str, Any], rank: int) -> dict[str, Any]:

@@ -64,6 +64,8 @@ class DistillOptions:
     cache_dir: str | None = None  # where the logit cache lives; None: out_dir (sweep shares one)
     vocab_size: int | None = None  # token-id teachers: the student's V; None: the data's largest id + 1
     mask_id: int | None = None  # token-id teachers, --augment mask: the id that replaces tokens
+    ngrams: int = 1  # token-id teachers: hashed n-grams up to this n join the bag
+    buckets: int | None = None  # their hash rows; None: NGRAM_BUCKETS when ngrams > 1
 
 
 def check_device(device: str) -> None:
@@ -116,11 +118,14 @@ def default_rank(input_dim: int) -> int:
 
 
 TOKEN_RANK = 64  # a token-id student's default embedding size (fastText's range; Tang et al. 2019)
+NGRAM_BUCKETS = 100_000  # default hash rows for --ngrams 2 or 3 (fastText takes 2M; on a few thousand
+# texts most rows would never be seen, and each costs k parameters)
 
 
 def student_config(sample_shape: tuple[int, ...], num_classes: int, width: int,
                    rank: int | None, spec: str | None = None, vocab: int = 0,
-                   inputs: tuple[str, ...] = ()) -> StudentConfig:
+                   inputs: tuple[str, ...] = (), ngrams: int = 1,
+                   buckets: int | None = None) -> StudentConfig:
     """The student for this teacher: from `spec` (the paper's notation) when given, else width and
     rank (None: default_rank of the input). With `vocab`, a token-id student (compress.tokens) over
     the teacher's `inputs`: the rank is its embedding size (TOKEN_RANK when not given)."""
@@ -130,8 +135,10 @@ def student_config(sample_shape: tuple[int, ...], num_classes: int, width: int,
     if spec is not None:
         front, rank, width = parse_spec(spec)
     if vocab:
+        if buckets is None:
+            buckets = NGRAM_BUCKETS if ngrams > 1 else 0
         cfg = StudentConfig(tuple(sample_shape), num_classes, width, TOKEN_RANK if rank is None else rank,
-                            front, vocab, tuple(inputs))
+                            front, vocab, tuple(inputs), ngrams, buckets)
         try:
             cfg.validate()
         except ConfigError as e:
@@ -290,8 +297,10 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     train_idx, val_idx = holdout_split(x.shape[0], opts.fit.seed)
     probe = teacher.logits(np.asarray(x[0:1], dtype=dtype))  # the class count; that it runs
     vocab = (opts.vocab_size or tokens.vocab_size(x, sig.inputs)) if sig.tokens else 0
+    if not sig.tokens and (opts.ngrams > 1 or opts.buckets):
+        raise ConfigError(f"--ngrams/--buckets: for token-id teachers; {teacher.name} takes float inputs")
     cfg = student_config(sample_shape, probe.shape[1], opts.width, opts.rank, opts.student, vocab,
-                         sig.inputs)
+                         sig.inputs, opts.ngrams, opts.buckets)
     for p in opts.precisions:
         refuse_too_large(cfg, p)
     if sig.tokens and opts.quantize != "weights" and "int8" in opts.precisions:

@@ -33,6 +33,8 @@ _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000}
 FORMAT = "compress-student/1"  # student.pt's format tag; load_student reads this one only
 
 
+NGRAM_PRIME = 1_000_003  # the n-gram hash: h = (h * P + id) mod buckets, token by token
+MAX_BUCKETS = 10_000_000  # keeps h * P inside int64
 CONV_KERNEL = 3  # `<N>c` alone: a 3-wide (or 3x3) kernel, as in the paper's and Urban et al.'s students
 POOL_WINDOW = 2  # `p` alone: max pooling over 2 (or 2x2), stride the same
 
@@ -67,6 +69,8 @@ class StudentConfig:
     # in order (a sample is their (I, L) stack); vocab 0 for a student of float inputs.
     vocab: int = 0
     inputs: tuple[str, ...] = ()
+    ngrams: int = 1  # token students: n-grams up to this n join the bag, hashed into `buckets` rows
+    buckets: int = 0
 
     @property
     def input_dim(self) -> int:
@@ -95,7 +99,8 @@ class StudentConfig:
     def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
         front = tuple((str(t[0]), int(t[1]), int(t[2])) for t in d.get("front", []))
         return cls(tuple(int(v) for v in d["sample_shape"]), int(d["num_classes"]), int(d["width"]),
-                   int(d["rank"]), front, int(d.get("vocab", 0)), tuple(str(n) for n in d.get("inputs", ())))
+                   int(d["rank"]), front, int(d.get("vocab", 0)), tuple(str(n) for n in d.get("inputs", ())),
+                   int(d.get("ngrams", 1)), int(d.get("buckets", 0)))
 
     def validate(self) -> None:
         if self.width < 1:
@@ -152,8 +157,13 @@ class StudentConfig:
         if self.rank < 1:
             raise ConfigError(f"--student {self.spec}: a token-id teacher needs the bottleneck, the size of "
                               "its embedding bag: give <k>L-<H> or --rank k (e.g. 64L-2k)")
+        if self.ngrams not in (1, 2, 3) or (self.ngrams > 1) != (self.buckets > 0):
+            raise ConfigError(f"--ngrams {self.ngrams}: 1, 2 or 3, with --buckets > 0 for 2 and 3")
+        if self.buckets > MAX_BUCKETS:
+            raise ConfigError(f"--buckets {self.buckets:,}: at most {MAX_BUCKETS:,}")
         k, h, c, tokens = self.rank, self.width, self.num_classes, self.sample_shape[-1]
-        return (Layer("embed", "embed", tuple(self.sample_shape), (k,), k, 0, self.vocab * k, 2 * tokens * k),
+        return (Layer("embed", "embed", tuple(self.sample_shape), (k,), k, 0, (self.vocab + self.buckets) * k,
+                      2 * self.ngrams * tokens * k),
                 Layer("hidden", "hidden", (k,), (h,), h, 0, k * h + h, 2 * k * h),
                 Layer("out", "out", (h,), (c,), c, 0, h * c + c, 2 * h * c))
 
@@ -274,7 +284,8 @@ def build_student(cfg: StudentConfig) -> torch.nn.Sequential:
             from compress.tokens import roles
 
             r = roles(cfg.inputs)
-            layers["embed"] = _embedding_bag_class()(cfg.vocab, layer.size, r.ids, r.mask)
+            layers["embed"] = _embedding_bag_class()(cfg.vocab, layer.size, r.ids, r.mask, cfg.ngrams,
+                                                     cfg.buckets)
         elif layer.kind == "norm":
             layers["norm"] = _standardize_class()(layer.in_shape)  # identity until fit sets it
         elif layer.kind == "unsqueeze":
@@ -303,14 +314,19 @@ def _embedding_bag_class() -> type:
 
     class EmbeddingBag(nn.Module):
         """(N, I, L) stacked token inputs -> (N, k): the mean of the ids' rows over the tokens the mask
-        keeps. An id at or above V counts as a token whose row is zero (never an index error)."""
+        keeps, and with `ngrams` n > 1 of the rows of their n-grams (all tokens kept), hashed into
+        `buckets` rows (NGRAM_PRIME): the mean over tokens and n-grams together. An id at or above V
+        (and an n-gram holding one) counts with a zero row, never an index error."""
 
-        def __init__(self, vocab: int, dim: int, ids: int, mask: int | None) -> None:
+        def __init__(self, vocab: int, dim: int, ids: int, mask: int | None, ngrams: int = 1,
+                     buckets: int = 0) -> None:
             import torch
 
             super().__init__()
-            self.vocab, self.ids, self.mask = vocab, ids, mask
+            self.vocab, self.ids, self.mask, self.ngrams, self.buckets = vocab, ids, mask, ngrams, buckets
             self.weight = nn.Parameter(torch.randn(vocab, dim))
+            if ngrams > 1:
+                self.ngram = nn.Parameter(torch.randn(buckets, dim))
 
         def forward(self, x: Any) -> Any:
             import torch
@@ -318,11 +334,24 @@ def _embedding_bag_class() -> type:
 
             ids = x[:, self.ids]
             keep = (x[:, self.mask] > 0) if self.mask is not None else torch.ones_like(ids, dtype=torch.bool)
-            keep = keep.to(self.weight.dtype)
-            known = keep * (ids < self.vocab).to(self.weight.dtype)
-            bag = F.embedding_bag(ids.clamp(0, self.vocab - 1), self.weight, mode="sum",
-                                  per_sample_weights=known)
-            return bag / keep.sum(dim=1, keepdim=True).clamp_min(1.0)
+            known = keep & (ids < self.vocab)
+            row = ids.clamp(0, self.vocab - 1)
+            dtype = self.weight.dtype
+            bag = F.embedding_bag(row, self.weight, mode="sum", per_sample_weights=known.to(dtype))
+            count = keep.sum(dim=1, keepdim=True)
+            length = ids.shape[1]
+            for n in range(2, self.ngrams + 1):
+                if length < n:
+                    break
+                h = torch.zeros_like(row[:, : length - n + 1])
+                kept = whole = torch.ones_like(h, dtype=torch.bool)
+                for j in range(n):  # h = ((id_1 mod B) * P + id_2) mod B, and so on for id_3
+                    part = slice(j, length - n + 1 + j)
+                    h = (h * NGRAM_PRIME + row[:, part]) % self.buckets
+                    kept, whole = kept & keep[:, part], whole & known[:, part]
+                bag = bag + F.embedding_bag(h, self.ngram, mode="sum", per_sample_weights=whole.to(dtype))
+                count = count + kept.sum(dim=1, keepdim=True)
+            return bag / count.to(dtype).clamp_min(1.0)
 
     return EmbeddingBag
 

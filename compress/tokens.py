@@ -50,6 +50,17 @@ def is_token_input(ort_input: Any) -> bool:
     return ort_input.type in INT_TYPES and len(ort_input.shape) == 2
 
 
+def token_teacher(inputs: list[Any]) -> bool:
+    """Whether a model's inputs are token ids: all integer [batch, sequence], and either several of them,
+    a sequence axis of no fixed length, or a name that says ids or tokens. A single integer input of a
+    fixed width named otherwise is integer features, not text (refused: compress wants floats there)."""
+    if not inputs or not all(is_token_input(i) for i in inputs):
+        return False
+    only = inputs[0]
+    named = any(w in only.name.lower() for w in ("id", "token"))
+    return len(inputs) > 1 or not isinstance(only.shape[1], int) or named
+
+
 def feeds(names: tuple[str, ...], dtypes: tuple[str, ...], batch: np.ndarray) -> dict[str, np.ndarray]:
     """A stacked batch (N, I, L) as the session's named inputs."""
     return {n: np.ascontiguousarray(batch[:, i]).astype(t, copy=False)

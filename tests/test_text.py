@@ -230,3 +230,35 @@ def test_ngram_augmentation_labels_synthetic_texts_and_helps(text_run, tmp_path)
     rep = json.loads(r.stdout)
     assert rep["transfer"]["synthetic"] == 3 * rep["transfer"]["real_train"]
     assert rep["fidelity"]["agreement"] > plain, (rep["fidelity"], plain)
+
+
+def test_hashed_ngrams_in_torch_and_onnx(tmp_path):
+    """--ngrams 3: bigrams and trigrams hashed into the buckets join the bag; the ONNX file computes the
+    same hashes, on sequences shorter than n too, and unknown ids count with zero rows."""
+    from compress.exporters.onnx import export_onnx
+    from compress.pipeline import student_config
+    from compress.student import NGRAM_PRIME, build_student, count_params
+    from compress.teachers import Signature
+
+    cfg = student_config((3, 6), 4, 32, 8, None, 50, NAMES, ngrams=3, buckets=97)
+    assert count_params(cfg) == 50 * 8 + 97 * 8 + 8 * 32 + 32 + 32 * 4 + 4
+    torch.manual_seed(0)
+    model = build_student(cfg).eval()
+    bag = model.embed
+    a, b = 7, 11  # one text of two tokens: (E[a] + E[b] + B[bigram]) / 3
+    x = torch.tensor([[[a, b], [1, 1], [0, 0]]])
+    want = (bag.weight[a] + bag.weight[b] + bag.ngram[((a % 97) * NGRAM_PRIME + b) % 97]) / 3
+    torch.testing.assert_close(bag(x)[0], want)
+    sig = Signature(input_name="input_ids", sample_shape=(3, 6), input_dtype="int64", output_name="logits",
+                    batch=None, inputs=NAMES, input_dtypes=("int64",) * 3)
+    check = np.stack([texts(40, length=6, seed=1, vocab=60)[n] for n in NAMES], axis=1)  # ids up to 59
+    export_onnx(model, cfg, sig, tmp_path / "s.onnx", check)
+    sess = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
+    for length in (1, 2, 3, 9):
+        t = texts(20, length=max(length, 3), seed=length, vocab=60)
+        xs = np.stack([t[n][:, :length] for n in NAMES], axis=1)
+        xs[:, 1, 0] = 1  # at least one kept token
+        got = sess.run(None, feeds(NAMES, ("int64",) * 3, xs))[0]
+        with torch.no_grad():
+            ref = model(torch.from_numpy(xs)).numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5, err_msg=f"length {length}")

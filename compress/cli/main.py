@@ -167,6 +167,10 @@ def say_notes(report: dict[str, Any]) -> None:
 @click.option("--vocab-size", type=click.IntRange(1, 100_000_000), default=None,
               help="Token-id teachers: rows of the student's embedding table; ids at or above it count "
                    "as unknown tokens [default: the transfer data's largest id + 1].")
+@click.option("--ngrams", type=click.IntRange(1, 3), default=1, show_default=True,
+              help="Token-id teachers: add hashed n-grams up to this n (2 or 3) to the student's bag.")
+@click.option("--buckets", type=click.IntRange(1, 10_000_000), default=None,
+              help="Token-id teachers, --ngrams 2/3: rows of the n-gram hash table [default: 100,000].")
 @click.option("--mask-id", type=click.IntRange(0, 2**62), default=None,
               help="Token-id teachers, --augment mask:F: the id that replaces tokens (the tokenizer's "
                    "[MASK] or [UNK]; 103 in BERT's WordPiece).")
@@ -177,7 +181,8 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
             lr: float, loss: str, temperature: float, device: str, seed: int, engine: str, precision: str,
             min_agreement: float,
             quantize: str, augment: str | None, memory_budget: int | None, resume: bool,
-            bench_seconds: float, vocab_size: int | None, mask_id: int | None, as_json: bool) -> None:
+            bench_seconds: float, vocab_size: int | None, ngrams: int, buckets: int | None,
+            mask_id: int | None, as_json: bool) -> None:
     """Distill TEACHER (several: their ensemble) into a wide, shallow student.
 
     Writes student.onnx, student.pt, report.json and report.md into --out.
@@ -192,6 +197,7 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
         precisions=parse_precisions(precision), min_agreement=min_agreement, quantize=quantize,
         arch=arch, trust_pickle=trust_pickle, latency_budget_s=bench_seconds, augment=augment,
         memory_budget=memory_budget, resume=resume, vocab_size=vocab_size, mask_id=mask_id,
+        ngrams=ngrams, buckets=buckets,
         fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                       temperature=temperature, device=device, seed=seed, engine=engine),
     )

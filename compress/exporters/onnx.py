@@ -162,6 +162,7 @@ def _embedding_bag(nodes: list[Any], extra: list[Any], cfg: StudentConfig, sig: 
     an id outside 0..V-1 counts as a token with a zero row. Integer constants only (no parameters)."""
     from onnx import TensorProto, helper
 
+    from compress.student import NGRAM_PRIME
     from compress.tokens import roles
 
     r = roles(sig.inputs)
@@ -185,10 +186,37 @@ def _embedding_bag(nodes: list[Any], extra: list[Any], cfg: StudentConfig, sig: 
     rows = node("Gather", [v + ".weight", node("Min", [node("Max", [ids, zero], "_nonneg"), top], "_row")],
                 "_rows")  # (N, L, k)
     axis1, axis2 = const(".axis1", [1], [1]), const(".axis2", [2], [1])
-    weights = node("Unsqueeze", [node("Cast", [known], "_w", to=TensorProto.FLOAT), axis2], "_w3")
-    total = node("ReduceSum", [node("Mul", [rows, weights], "_weighted"), axis1], "_sum", keepdims=0)
-    count = node("Max", [node("ReduceSum", [node("Cast", [keep], "_k64", to=TensorProto.INT64), axis1],
-                              "_count64", keepdims=1), one], "_count1")
+
+    def bag(rows: str, use: str, tag: str) -> str:
+        """The sum of `rows` (N, L', k) over the positions where `use` (N, L') holds."""
+        weights = node("Unsqueeze", [node("Cast", [use], tag + "_w", to=TensorProto.FLOAT), axis2],
+                       tag + "_w3")
+        return node("ReduceSum", [node("Mul", [rows, weights], tag + "_weighted"), axis1], tag + "_sum",
+                    keepdims=0)
+
+    total = bag(rows, known, "")
+    count = node("ReduceSum", [node("Cast", [keep], "_k64", to=TensorProto.INT64), axis1], "_count64",
+                 keepdims=1)
+    row = v + "_row"
+    if cfg.ngrams > 1:
+        prime, buckets = const(".prime", [NGRAM_PRIME], []), const(".buckets", [cfg.buckets], [])
+    for n in range(2, cfg.ngrams + 1):  # hashed n-grams of the kept tokens (NGRAM_PRIME, student.py)
+        g = f"_{n}gram"
+        h = kept = whole = None
+        for j in range(n):
+            start, end = const(f"{g}.start{j}", [j], [1]), const(f"{g}.end{j}", [j - n + 1 or 2**62], [1])
+            part = [node("Slice", [t, start, end, axis1], f"{g}{j}_{tag}") for t, tag in
+                    ((row, "row"), (keep, "keep"), (known, "known"))]
+            h = part[0] if h is None else node("Add", [node("Mul", [h, prime], f"{g}{j}_times"), part[0]],
+                                              f"{g}{j}_plus")
+            h = node("Mod", [h, buckets], f"{g}{j}_hash")
+            kept = part[1] if kept is None else node("And", [kept, part[1]], f"{g}{j}_kept")
+            whole = part[2] if whole is None else node("And", [whole, part[2]], f"{g}{j}_whole")
+        grams = bag(node("Gather", [v + ".ngram", h], g + "_rows"), whole, g)
+        total = node("Add", [total, grams], g + "_total")
+        count = node("Add", [count, node("ReduceSum", [node("Cast", [kept], g + "_k64", to=TensorProto.INT64),
+                                                       axis1], g + "_kept64", keepdims=1)], g + "_count")
+    count = node("Max", [count, one], "_count1")
     node("Div", [total, node("Cast", [count], "_count", to=TensorProto.FLOAT)], "_out")
 
 

@@ -46,24 +46,29 @@ def _gathered(m: Any) -> dict[str, Any]:
     return {n.input[0]: n for n in m.graph.node if n.op_type == "Gather"}
 
 
-def _decode_rows(m: Any, gather: Any, stored: str, scale: str | None) -> None:
-    """Replace `gather` (rows of a float table) by a Gather of the stored rows, cast to float32 and, with
-    `scale` (one per row), multiplied by their scales: only the rows a batch uses are decoded, never
-    the whole V x k table (at batch 1 that would cost more than the rest of the student)."""
+def _decode_rows(m: Any, table: str, stored: str, scale: str | None) -> None:
+    """Replace each Gather of `table` (rows of a float table) by a Gather of the stored rows, cast to
+    float32 and, with `scale` (one per row), multiplied by their scales: only the rows a batch uses are
+    decoded, never the whole V x k table (at batch 1 that would cost more than the rest of the
+    student)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    out, idx, p = gather.output[0], gather.input[1], gather.output[0] + "/"
-    nodes = [helper.make_node("Gather", [stored, idx], [p + "stored"]),
-             helper.make_node("Cast", [p + "stored"], [p + "float" if scale else out], to=TensorProto.FLOAT)]
-    if scale:
-        m.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), p + "last_axis"))
-        nodes += [helper.make_node("Gather", [scale, idx], [p + "scale"]),
-                  helper.make_node("Unsqueeze", [p + "scale", p + "last_axis"], [p + "scale3"]),
-                  helper.make_node("Mul", [p + "float", p + "scale3"], [out])]
-    at = list(m.graph.node).index(gather)
-    kept = [n for n in m.graph.node if n is not gather]
+    nodes = []
+    for n in m.graph.node:
+        if n.op_type != "Gather" or n.input[0] != table:
+            nodes.append(n)
+            continue
+        out, idx, p = n.output[0], n.input[1], n.output[0] + "/"
+        cast = p + "float" if scale else out
+        nodes += [helper.make_node("Gather", [stored, idx], [p + "stored"]),
+                  helper.make_node("Cast", [p + "stored"], [cast], to=TensorProto.FLOAT)]
+        if scale:
+            m.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), p + "last_axis"))
+            nodes += [helper.make_node("Gather", [scale, idx], [p + "scale"]),
+                      helper.make_node("Unsqueeze", [p + "scale", p + "last_axis"], [p + "scale3"]),
+                      helper.make_node("Mul", [p + "float", p + "scale3"], [out])]
     del m.graph.node[:]
-    m.graph.node.extend(kept[:at] + nodes + kept[at:])
+    m.graph.node.extend(nodes)
 
 
 def to_fp16_weights(model: Any) -> Any:
@@ -83,7 +88,7 @@ def to_fp16_weights(model: Any) -> Any:
         if init.name in gathered:
             inits.append(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16),
                                                  init.name + "_fp16"))
-            _decode_rows(m, gathered[init.name], init.name + "_fp16", None)
+            _decode_rows(m, init.name, init.name + "_fp16", None)
             continue
         half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "_fp16")
         inits.append(half)
@@ -128,7 +133,7 @@ def to_int8_weights(model: Any) -> Any:
             q = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
             inits += [numpy_helper.from_array(q, init.name + "_int8"),
                       numpy_helper.from_array(scale.astype(np.float32), init.name + "_scale")]
-            _decode_rows(m, gathered[init.name], init.name + "_int8", init.name + "_scale")
+            _decode_rows(m, init.name, init.name + "_int8", init.name + "_scale")
             continue
         axis = 1 if init.name == first else 0
         scale = np.abs(w).max(axis=1 - axis) / 127.0  # one per row (axis 0) or column (axis 1)

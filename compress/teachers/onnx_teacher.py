@@ -25,7 +25,7 @@ from compress.teachers import (
     probabilities_to_logits,
     run_batched,
 )
-from compress.tokens import INT_TYPES, feeds, is_token_input, roles
+from compress.tokens import INT_TYPES, feeds, roles, token_teacher
 
 FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 PROBABILITY_OPS = {"Softmax", "Normalizer", "ZipMap"}  # graph nodes whose output is probabilities
@@ -135,7 +135,7 @@ class OnnxTeacher:
 
     def _signature(self, output: str | None) -> Signature:
         inputs = self.session.get_inputs()
-        if inputs and all(is_token_input(i) for i in inputs):
+        if token_teacher(inputs):
             return self._token_signature(inputs, output)
         if len(inputs) != 1:
             names = [i.name for i in inputs]
