@@ -68,9 +68,19 @@ def feeds(names: tuple[str, ...], dtypes: tuple[str, ...], batch: np.ndarray) ->
 
 
 def load_npz(path: str | Path, names: tuple[str, ...], what: str = "--data") -> np.ndarray:
-    """The stacked (N, I, L) int64 array of an `.npz` holding one array per name; DataError naming the
-    file and key for anything else."""
+    """The stacked (N, I, L) int64 array of an `.npz` holding one array per name, or of a folder of such
+    shards (in name order, all with the same L); DataError naming the file and key for anything else."""
     path = Path(path)
+    if path.is_dir():
+        shards = sorted(path.glob("*.npz"))
+        if not shards:
+            raise DataError(f"{what} {path}: a folder without .npz shards")
+        parts = [load_npz(s, names, what) for s in shards]
+        for s, part in zip(shards, parts, strict=True):
+            if part.shape[2] != parts[0].shape[2]:
+                raise DataError(f"{what} {s}: texts of {part.shape[2]} tokens, but {shards[0].name} has "
+                                f"{parts[0].shape[2]}; pad every shard to the same length")
+        return np.concatenate(parts)
     if path.suffix.lower() != ".npz":
         raise DataError(f"{what} {path}: a token-id teacher (inputs {', '.join(names)}) needs an .npz with "
                         "one integer array per input")

@@ -262,3 +262,17 @@ def test_hashed_ngrams_in_torch_and_onnx(tmp_path):
         with torch.no_grad():
             ref = model(torch.from_numpy(xs)).numpy()
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5, err_msg=f"length {length}")
+
+
+def test_a_folder_of_npz_shards_is_one_transfer_set(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    parts = [texts(n, seed=n) for n in (30, 20)]
+    for i, t in enumerate(parts):
+        np.savez(folder / f"part{i}.npz", **t)
+    x = load_npz(folder, NAMES)
+    assert x.shape == (50, 3, 24)
+    np.testing.assert_array_equal(x[30:, 0], parts[1]["input_ids"])
+    np.savez(folder / "part2.npz", **texts(5, length=10))
+    with pytest.raises(Exception, match="part2.npz: texts of 10 tokens"):
+        load_npz(folder, NAMES)
