@@ -33,7 +33,7 @@ Progress = Callable[[str, dict[str, Any]], None]
 
 def train_on_labels(data: str | Path, labels: str | Path, width: int, rank: int | None,
                     opts: DistillOptions, x_eval: np.ndarray | None, y_eval: np.ndarray | None,
-                    spec: str | None = None) -> dict[str, Any]:
+                    spec: str | None = None, inputs: tuple[str, ...] = ()) -> dict[str, Any]:
     """The same student trained on the transfer data's labels: what shallow nets get without a teacher."""
     import torch
 
@@ -41,12 +41,15 @@ def train_on_labels(data: str | Path, labels: str | Path, width: int, rank: int 
     from compress.fit import fit
     from compress.student import count_params
 
-    x = data_mod.load_inputs(data, None, what="--data", key=opts.key)
+    x = data_mod.load_inputs(data, None, what="--data", key=opts.key, inputs=inputs)
     y = data_mod.load_labels(labels, len(x), what="--train-labels", data_what="--data")
     classes = int(max(y.max(), y_eval.max() if y_eval is not None else 0)) + 1
     onehot = np.eye(classes, dtype=np.float32)[y]
     train_idx, val_idx = holdout_split(len(x), opts.fit.seed)
-    cfg = student_config(tuple(int(v) for v in x.shape[1:]), classes, width, rank, spec)
+    if inputs and not rank:  # a text student always has its bag: the grid's rank-0 baseline gets the default
+        rank = None
+    cfg = student_config(tuple(int(v) for v in x.shape[1:]), classes, width, rank, spec,
+                         _vocab(x, inputs, opts), inputs, opts.ngrams, opts.buckets)
     res = fit(x[train_idx], onehot[train_idx], x[val_idx], onehot[val_idx], cfg,
               dataclasses.replace(opts.fit, loss="ce"))
     acc = None
@@ -117,15 +120,23 @@ def sweep(teachers: list[str | Path], data: str | Path, widths: list[int], ranks
         writes += out_writes("--out", out / name, DISTILL_WRITES)
     refuse_overwrite({"TEACHER": list(teachers), "--data": data, "--eval-data": eval_data,
                       "--eval-labels": eval_labels, "--train-labels": train_labels}, writes)
-    _check_upfront(teachers, data, todo, opts, eval_data, eval_labels, train_labels)
+    inputs = _check_upfront(teachers, data, todo, opts, eval_data, eval_labels, train_labels)
     with exclusive(out / LOCK, f"--out {out}"):  # the students' folders and their shared logit cache
-        return _sweep(teachers, data, todo, opts, eval_data, eval_labels, train_labels, progress)
+        return _sweep(teachers, data, todo, opts, eval_data, eval_labels, train_labels, progress, inputs)
+
+
+def _vocab(x: np.ndarray, inputs: tuple[str, ...], opts: DistillOptions) -> int:
+    """A token-id student's V, as distill picks it; 0 for float inputs."""
+    from compress.tokens import vocab_size
+
+    return (opts.vocab_size or vocab_size(x, inputs)) if inputs else 0
 
 
 def _check_upfront(teachers: list[str | Path], data: str | Path, todo: list[Student], opts: DistillOptions,
                    eval_data: str | Path | None, eval_labels: str | Path | None,
-                   train_labels: str | Path | None) -> None:
-    """What would otherwise fail after the first student: a student that does not fit the input (a
+                   train_labels: str | Path | None) -> tuple[str, ...]:
+    """The teacher's token inputs (empty for float inputs), after checking what would otherwise fail
+    after the first student: a student that does not fit the input (a
     rank wider than it, pooling below 1), or memory, and --train-labels that do not fit the data or
     the teacher's classes."""
     from compress import data as data_mod
@@ -138,12 +149,14 @@ def _check_upfront(teachers: list[str | Path], data: str | Path, todo: list[Stud
         raise ConfigError("--eval-labels: needs --eval-data (the inputs those labels belong to)")
     teacher = load_teacher(list(teachers), output=opts.output, device="cpu", arch=opts.arch,
                            trust_pickle=opts.trust_pickle)
-    x = data_mod.open_inputs(data, teacher.signature.sample_shape, what="--data", key=opts.key)
+    inputs = teacher.signature.inputs
+    x = data_mod.open_inputs(data, teacher.signature.sample_shape, what="--data", key=opts.key, inputs=inputs)
     shape = tuple(int(v) for v in x.shape[1:])
-    classes = teacher.logits(np.asarray(x[0:1], dtype=np.float32)).shape[1]
+    classes = teacher.logits(np.asarray(x[0:1], dtype=np.int64 if inputs else np.float32)).shape[1]
+    vocab = _vocab(x, inputs, opts)
     for _, w, k, spec in todo:
         try:
-            cfg = student_config(shape, classes, w, k, spec)
+            cfg = student_config(shape, classes, w, k, spec, vocab, inputs, opts.ngrams, opts.buckets)
         except ConfigError as e:
             raise ConfigError(str(e).replace("--rank:", "--ranks:", 1)) from None
         check_memory(cfg, opts.fit, 0, option="--students" if spec else "--widths")
@@ -152,12 +165,14 @@ def _check_upfront(teachers: list[str | Path], data: str | Path, todo: list[Stud
         if int(y.max()) >= classes:
             raise ConfigError(f"--train-labels {train_labels}: has class {int(y.max())} but the teacher "
                               f"gives {classes} classes")
+    return inputs
 
 
 def _sweep(teachers: list[str | Path], data: str | Path, todo: list[Student], opts: DistillOptions,
            eval_data: str | Path | None, eval_labels: str | Path | None,
-           train_labels: str | Path | None, progress: Progress | None) -> dict[str, Any]:
-    """sweep(), with its folder locked."""
+           train_labels: str | Path | None, progress: Progress | None,
+           inputs: tuple[str, ...] = ()) -> dict[str, Any]:
+    """sweep(), with its folder locked (`inputs`: a token-id teacher's)."""
     from compress import data as data_mod
 
     out = Path(opts.out_dir)
@@ -188,14 +203,14 @@ def _sweep(teachers: list[str | Path], data: str | Path, todo: list[Student], op
     if train_labels is not None:
         x_eval = y_eval = None
         if eval_data is not None and eval_labels is not None:
-            x_eval = data_mod.load_inputs(eval_data, None, what="--eval-data", key=opts.key)
+            x_eval = data_mod.load_inputs(eval_data, None, what="--eval-data", key=opts.key, inputs=inputs)
             y_eval = data_mod.load_labels(eval_labels, len(x_eval))
         for name, w, k, spec in on_labels:
             path = out / f"labels_{name}.json"
             record = labels_record(data, train_labels, w, opts, eval_data, eval_labels, spec)
             row = _reuse(path, record) if opts.resume else None
             if row is None:
-                row = train_on_labels(data, train_labels, w, k, opts, x_eval, y_eval, spec)
+                row = train_on_labels(data, train_labels, w, k, opts, x_eval, y_eval, spec, inputs)
                 with atomic_path(path) as tmp:
                     Path(tmp).write_text(jsonio.dumps({"run": record, "row": row}) + "\n")
                 row["reused"] = False

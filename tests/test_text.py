@@ -276,3 +276,16 @@ def test_a_folder_of_npz_shards_is_one_transfer_set(tmp_path):
     np.savez(folder / "part2.npz", **texts(5, length=10))
     with pytest.raises(Exception, match="part2.npz: texts of 10 tokens"):
         load_npz(folder, NAMES)
+
+
+def test_sweep_takes_a_token_teacher(text_run, tmp_path):
+    np.save(tmp_path / "y.npy", np.load(text_run / "run" / "targets.npy").argmax(1))
+    r = CliRunner().invoke(cli, ["sweep", str(text_run / "teacher.onnx"), "--data", str(text_run / "x.npz"),
+                                 "--students", "16L-500,32L-1k", "--train-labels", str(tmp_path / "y.npy"),
+                                 "--epochs", "2", "--bench-seconds", "0.02", "--out", str(tmp_path / "sw"),
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    runs = json.loads(r.stdout)["runs"]
+    assert [(x["kind"], x["spec"]) for x in runs] == [("mimic", "16L-500"), ("mimic", "32L-1k"),
+                                                     ("labels", "16L-500"), ("labels", "32L-1k")]
+    assert runs[0]["params"] == runs[2]["params"] == VOCAB * 16 + 16 * 500 + 500 + 500 * CLASSES + CLASSES
