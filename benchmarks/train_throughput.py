@@ -8,12 +8,14 @@ report gives the spread.
 The loop: `compress.fit.fit` itself on random data, timed by its per-epoch step timer (optimizer
 steps only, no evaluation), median over the epochs after the first.
 Achieved FLOP/s = 6 x weights x samples/s (forward + backward, the usual convention;
-weights = D*k + k*H + H*C, or D*H + H*C with rank 0).
+weights = D*k + k*H + H*C, or D*H + H*C with rank 0; for a conv student, the multiply-adds of one
+forward pass, its convolutions' included).
 
 Configurations: on CPU, D=1845, k=250, H=8k, C=183, batch 256 (the issue's), the same width with
 rank 0 to show what the bottleneck buys, and the first again with `engine="autograd"` to show what
 the split CPU step (compress/split_step.py) buys. On a GPU (when torch sees one): the paper-size
-student, D=1845, k=250, H=400k, C=183, in bf16, and rank 0 at the same width.
+student, D=1845, k=250, H=400k, C=183, in bf16, and rank 0 at the same width. On both, the MNIST-1D
+conv students CONV_STUDENTS at batch 256 (autograd; on a GPU bf16).
 
     python benchmarks/train_throughput.py [--steps-per-epoch 40] [--epochs 6] [--repeats 5]
 Writes benchmarks/results/train_throughput_<device>.{json,md}.
@@ -37,9 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_exports import machine  # noqa: E402
 from compress.fit import FitConfig, fit  # noqa: E402
-from compress.student import StudentConfig, flops_per_sample  # noqa: E402
+from compress.student import StudentConfig, flops_per_sample, parse_spec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+# the best one- and two-conv MNIST-1D students of benchmarks/results/conv_mnist1d_10000.md
+CONV_STUDENTS = ("64c5-p-32L-2k", "32c5-p-64c5-p-64L-1k")
 
 
 def matmul_peak(device: str, seconds: float = 1.0) -> float:
@@ -111,7 +115,8 @@ def run(cfg: StudentConfig, batch: int, steps: int, epochs: int, device: str, en
               FitConfig(epochs=epochs, batch_size=batch, device=device, engine=engine))
     per_epoch = [h["step_samples_per_second"] for h in res.history[1:]]
     sps = statistics.median(per_epoch)
-    return {"D": cfg.input_dim, "rank": cfg.rank, "width": cfg.width, "classes": cfg.num_classes,
+    return {"spec": cfg.spec, "D": cfg.input_dim, "rank": cfg.rank, "width": cfg.width,
+            "classes": cfg.num_classes,
             "batch": batch, "weights": weights(cfg), "engine": res.engine, "samples_per_second": sps,
             "samples_per_second_per_epoch": per_epoch, "flop_per_second": 6 * weights(cfg) * sps,
             "epochs_timed": epochs - 1}
@@ -144,6 +149,9 @@ def main() -> None:
     runs = [head, measured(rank0, "auto", batch, args, device)]
     if device == "cpu":  # what the split step buys over autograd on the same student
         runs.append(measured(big, "autograd", batch, args, device))
+    for spec in CONV_STUDENTS:  # MNIST-1D conv students (autograd), convolution FLOPs counted
+        front, rank, width = parse_spec(spec)
+        runs.append(measured(StudentConfig((40,), 10, width, rank, front), "auto", 256, args, device))
     mfus = [r["mfu"] for r in repeats]
     speedup = runs[0]["samples_per_second"] / runs[1]["samples_per_second"]
     result = {"device": device, "device_name": name, "torch": torch.__version__,
@@ -158,10 +166,12 @@ def main() -> None:
              f"The first configuration, run {len(repeats)} times: MFU median {100 * head['mfu']:.1f}%, "
              f"min {100 * min(mfus):.1f}%, max {100 * max(mfus):.1f}% "
              f"({', '.join(f'{100 * m:.1f}%' for m in mfus)} in run order). The table shows its median run.",
-             "", "| D | rank | width | classes | batch | weights | engine | samples/s | GFLOP/s "
-             "| peak GFLOP/s | MFU |", "|---:|---:|---:|---:|---:|---:|:--|---:|---:|---:|---:|"]
+             "", "| student | D | rank | width | classes | batch | multiply-adds | engine | samples/s "
+             "| GFLOP/s | peak GFLOP/s | MFU |",
+             "|---|---:|---:|---:|---:|---:|---:|:--|---:|---:|---:|---:|"]
     for r in runs:
-        lines.append(f"| {r['D']} | {r['rank']} | {r['width']:,} | {r['classes']} | {r['batch']} | "
+        lines.append(f"| `{r['spec']}` | {r['D']} | {r['rank']} | {r['width']:,} | {r['classes']} | "
+                     f"{r['batch']} | "
                      f"{r['weights']:,} | {r['engine']} | {r['samples_per_second']:,.0f} | "
                      f"{r['flop_per_second'] / 1e9:,.0f} | {r['peak'] / 1e9:,.0f} | {100 * r['mfu']:.1f}% |")
     lines += ["", f"The bottleneck (rank {runs[0]['rank']}) trains {speedup:.2f}x as many samples/s as "

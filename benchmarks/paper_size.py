@@ -1,0 +1,142 @@
+"""The card's own command at the paper's size, measured: `compress distill teacher.onnx --data x.npy
+--width 400k --rank 250 --epochs 1` with D=1845 inputs, C=183 classes and 20,000 transfer samples
+(174,061,433 student weights, the TIMIT SNN-MIMIC shape).
+
+The teacher is a random two-layer MLP (1845 -> 512 -> 183) written with onnx.helper; the transfer data
+standard normal. The distill runs in a child process, so that its peak resident memory (ru_maxrss of
+that process alone) is the command's; the child records when each stage starts (the progress
+callback) and the parent measures the CPU's fp32 matmul peak right before and after it (the best of
+square multi-threaded products and one single-threaded product per core at once, as
+benchmarks/train_throughput.py). MFU = 6 x weights x samples/s of the fit loop (its own step timer, the
+report's `train.history[*].step_samples_per_second`) against the higher peak.
+
+    python benchmarks/paper_size.py [--samples 20000] [--width 400k] [--epochs 1]
+Writes benchmarks/results/paper_size.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+D, C, HIDDEN = 1845, 183, 512
+
+
+def teacher(path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((D, HIDDEN)) / np.sqrt(D)).astype(np.float32)
+    w2 = (rng.standard_normal((HIDDEN, C)) / np.sqrt(HIDDEN) * 4).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["logits"])], "teacher",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", D])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", C])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+
+
+def child(work: Path, width: str, epochs: int) -> None:
+    """The distill itself; prints one JSON line: stage start times, the report's figures, peak RSS."""
+    from compress.fit import FitConfig
+    from compress.pipeline import DistillOptions, distill
+    from compress.student import parse_width
+
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def progress(stage: str, info: dict) -> None:
+        stages.setdefault(stage, time.perf_counter() - t0)
+
+    opts = DistillOptions(width=parse_width(width), rank=250, out_dir=str(work / "run"),
+                          fit=FitConfig(epochs=epochs), latency_budget_s=0.2)
+    rep = distill([work / "teacher.onnx"], work / "x.npy", opts, progress=progress)
+    stages["end"] = time.perf_counter() - t0
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    files = {p.name: p.stat().st_size for p in sorted((work / "run").iterdir())}
+    print(json.dumps({"stages": stages, "peak_rss_bytes": peak_kib * 1024, "files": files,
+                      "weights": rep["student"]["params"], "engine": rep["train"]["engine"],
+                      "batch": rep["train"].get("batch_size"), "threads": rep["train"].get("threads"),
+                      "history": rep["train"]["history"], "fit_seconds": rep["train"]["seconds"],
+                      "export_max_abs_diff": rep["export"]["max_abs_diff"]}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--samples", type=int, default=20_000)
+    ap.add_argument("--width", default="400k")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        child(args.child, args.width, args.epochs)
+        return
+    import torch
+
+    from benchmarks.bench_exports import machine
+    from benchmarks.train_throughput import matmul_peak, per_core_peak
+
+    def peak() -> float:
+        return max(matmul_peak("cpu"), per_core_peak(1024, 1.0))
+
+    work = Path(tempfile.mkdtemp(prefix="paper-size-"))
+    teacher(work / "teacher.onnx")
+    np.save(work / "x.npy", np.random.default_rng(1).standard_normal((args.samples, D), dtype=np.float32))
+    before = peak()
+    p = subprocess.run([sys.executable, __file__, "--child", str(work), "--width", args.width, "--epochs",
+                        str(args.epochs)], capture_output=True, text=True, cwd=ROOT)
+    after = peak()
+    if p.returncode != 0:
+        sys.exit(f"distill failed ({p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    sps = [h["step_samples_per_second"] for h in r["history"]]
+    best_peak = max(before, after)
+    width = (r["weights"] - D * 250 - C) // (250 + 1 + C)  # params = D*k + k*H + H + H*C + C
+    macs = D * 250 + 250 * width + width * C
+    stages = r["stages"]
+    order = sorted(stages, key=stages.get)
+    seconds = {s: round(stages[order[i + 1]] - stages[s], 2) for i, s in enumerate(order[:-1])}
+    record = {"machine": machine(), "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": f"compress distill teacher.onnx --data x.npy --width {args.width} --rank 250 "
+                         f"--epochs {args.epochs}",
+              "D": D, "classes": C, "samples": args.samples, "width": width, "weights": r["weights"],
+              "engine": r["engine"], "batch": r["batch"], "threads": r["threads"],
+              "fit_loop_samples_per_second": sps, "flop_per_second": [6 * macs * s for s in sps],
+              "peak_before": before, "peak_after": after,
+              "mfu": [6 * macs * s / best_peak for s in sps], "peak_rss_bytes": r["peak_rss_bytes"],
+              "seconds_per_stage": seconds, "files": r["files"],
+              "export_max_abs_diff": r["export_max_abs_diff"]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "paper_size.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [f"# The paper-size distill on {record['machine']} ({record['when']})", "",
+             f"`{record['command']}`: D={D}, C={C}, {args.samples:,} samples, {r['weights']:,} student "
+             f"weights, engine {r['engine']}, batch {r['batch']}, {r['threads']} threads, torch "
+             f"{torch.__version__}.", "",
+             f"- fit loop: {', '.join(f'{s:,.0f}' for s in sps)} samples/s per epoch, "
+             f"{', '.join(f'{m:.1%}' for m in record['mfu'])} of the fp32 matmul peak measured right before "
+             f"and after ({before / 1e9:.0f} and {after / 1e9:.0f} GFLOP/s)",
+             f"- peak resident memory of the distill process: {r['peak_rss_bytes'] / 2**30:.2f} GiB",
+             "- seconds per stage: " + ", ".join(f"{k} {v}" for k, v in seconds.items()),
+             "- files: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r["files"].items())]
+    (RESULTS / "paper_size.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
