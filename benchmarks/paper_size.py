@@ -59,10 +59,13 @@ def child(work: Path, width: str, epochs: int) -> None:
     from compress.student import parse_width
 
     stages: dict[str, float] = {}
+    rss_before: dict[str, int] = {}  # the process's peak RSS so far, when each stage starts
     t0 = time.perf_counter()
 
     def progress(stage: str, info: dict) -> None:
-        stages.setdefault(stage, time.perf_counter() - t0)
+        if stage not in stages:
+            stages[stage] = time.perf_counter() - t0
+            rss_before[stage] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     opts = DistillOptions(width=parse_width(width), rank=250, out_dir=str(work / "run"),
                           fit=FitConfig(epochs=epochs), latency_budget_s=0.2)
@@ -70,7 +73,8 @@ def child(work: Path, width: str, epochs: int) -> None:
     stages["end"] = time.perf_counter() - t0
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     files = {p.name: p.stat().st_size for p in sorted((work / "run").iterdir())}
-    print(json.dumps({"stages": stages, "peak_rss_bytes": peak_kib * 1024, "files": files,
+    print(json.dumps({"stages": stages, "peak_rss_bytes": peak_kib * 1024, "rss_before": rss_before,
+                      "files": files,
                       "weights": rep["student"]["params"], "engine": rep["train"]["engine"],
                       "batch": rep["train"].get("batch_size"), "threads": rep["train"].get("threads"),
                       "history": rep["train"]["history"], "fit_seconds": rep["train"]["seconds"],
@@ -121,6 +125,7 @@ def main() -> None:
               "peak_before": before, "peak_after": after,
               "mfu": [6 * macs * s / best_peak for s in sps], "peak_rss_bytes": r["peak_rss_bytes"],
               "seconds_per_stage": seconds, "files": r["files"],
+              "peak_rss_before_stage_bytes": r["rss_before"],
               "export_max_abs_diff": r["export_max_abs_diff"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "paper_size.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -131,7 +136,9 @@ def main() -> None:
              f"- fit loop: {', '.join(f'{s:,.0f}' for s in sps)} samples/s per epoch, "
              f"{', '.join(f'{m:.1%}' for m in record['mfu'])} of the fp32 matmul peak measured right before "
              f"and after ({before / 1e9:.0f} and {after / 1e9:.0f} GFLOP/s)",
-             f"- peak resident memory of the distill process: {r['peak_rss_bytes'] / 2**30:.2f} GiB",
+             f"- peak resident memory of the distill process: {r['peak_rss_bytes'] / 2**30:.2f} GiB; peak "
+             "so far when each stage started: "
+             + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in r["rss_before"].items()),
              "- seconds per stage: " + ", ".join(f"{k} {v}" for k, v in seconds.items()),
              "- files: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r["files"].items())]
     (RESULTS / "paper_size.md").write_text("\n".join(lines) + "\n")
