@@ -54,26 +54,42 @@ def teacher(path: Path) -> None:
 
 def child(work: Path, width: str, epochs: int) -> None:
     """The distill itself; prints one JSON line: stage start times, the report's figures, peak RSS."""
+    import threading
+
     from compress.fit import FitConfig
     from compress.pipeline import DistillOptions, distill
     from compress.student import parse_width
 
     stages: dict[str, float] = {}
     rss_before: dict[str, int] = {}  # the process's peak RSS so far, when each stage starts
+    rss_max: dict[str, int] = {}  # the highest RSS sampled (every 50 ms) while each stage ran
+    current = ["setup"]
     t0 = time.perf_counter()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            with open("/proc/self/status") as f:
+                rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            rss_max[current[0]] = max(rss_max.get(current[0], 0), rss)
+
+    threading.Thread(target=sample, daemon=True).start()
 
     def progress(stage: str, info: dict) -> None:
         if stage not in stages:
             stages[stage] = time.perf_counter() - t0
             rss_before[stage] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            current[0] = stage
 
     opts = DistillOptions(width=parse_width(width), rank=250, out_dir=str(work / "run"),
                           fit=FitConfig(epochs=epochs), latency_budget_s=0.2)
     rep = distill([work / "teacher.onnx"], work / "x.npy", opts, progress=progress)
     stages["end"] = time.perf_counter() - t0
+    done.set()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     files = {p.name: p.stat().st_size for p in sorted((work / "run").iterdir())}
     print(json.dumps({"stages": stages, "peak_rss_bytes": peak_kib * 1024, "rss_before": rss_before,
+                      "rss_max": rss_max,
                       "files": files,
                       "weights": rep["student"]["params"], "engine": rep["train"]["engine"],
                       "batch": rep["train"].get("batch_size"), "threads": rep["train"].get("threads"),
@@ -125,7 +141,7 @@ def main() -> None:
               "peak_before": before, "peak_after": after,
               "mfu": [6 * macs * s / best_peak for s in sps], "peak_rss_bytes": r["peak_rss_bytes"],
               "seconds_per_stage": seconds, "files": r["files"],
-              "peak_rss_before_stage_bytes": r["rss_before"],
+              "peak_rss_before_stage_bytes": r["rss_before"], "rss_max_per_stage_bytes": r["rss_max"],
               "export_max_abs_diff": r["export_max_abs_diff"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "paper_size.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -138,7 +154,9 @@ def main() -> None:
              f"and after ({before / 1e9:.0f} and {after / 1e9:.0f} GFLOP/s)",
              f"- peak resident memory of the distill process: {r['peak_rss_bytes'] / 2**30:.2f} GiB; peak "
              "so far when each stage started: "
-             + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in r["rss_before"].items()),
+             + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in r["rss_before"].items())
+             + "; the highest RSS sampled every 50 ms during each stage: "
+             + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in r["rss_max"].items()),
              "- seconds per stage: " + ", ".join(f"{k} {v}" for k, v in seconds.items()),
              "- files: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r["files"].items())]
     (RESULTS / "paper_size.md").write_text("\n".join(lines) + "\n")

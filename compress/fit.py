@@ -15,7 +15,6 @@ by held-out loss is kept.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import math
@@ -49,6 +48,7 @@ PAD = 16  # class count padded to a multiple of this while training
 # (benchmarks/results/gpu_step_profile.md). The padding units start at zero and stay zero (their
 # gradients are zero), so the trained student is exactly the real-rank one; it is sliced out at the end.
 RANK_ALIGN = 8
+EVAL_ELEMENTS = 2**26  # hidden activations of one held-out scoring chunk (256 MB in float32)
 # The split CPU step costs its threads about 1 ms a step to meet; from about 100 MFLOP a step it is
 # faster than autograd (2-core CPU, fit loop: 60k vs 58k samples/s at 154 MFLOP, 48k vs 37k at 519,
 # 3.6k vs 2.8k at 25 GFLOP), and below it slower (100k vs 280k samples/s for a 32-wide student).
@@ -179,6 +179,15 @@ def _diverged(epoch: int, train_loss: float, val_loss: float, fit_cfg: FitConfig
 def _padded_rank(rank: int, device: torch.device) -> int:
     """The rank the student trains with on `device` (see RANK_ALIGN); the CPU split step pads its own."""
     return -(-rank // RANK_ALIGN) * RANK_ALIGN if device.type == "cuda" else rank
+
+
+def _snapshot(model: nn.Module, into: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of the model's state: into `into`'s tensors when given (no new memory), else new ones."""
+    if into is None:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for k, v in model.state_dict().items():
+        into[k].copy_(v)
+    return into
 
 
 def _fuse_relu_on(device: torch.device) -> bool:
@@ -341,7 +350,9 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     c_pad = -(-cfg.num_classes // PAD) * PAD
     k_pad = _padded_rank(cfg.rank, device)
     padded = dataclasses.replace(cfg, num_classes=c_pad, rank=k_pad)
-    bs, eval_rows = min(fit_cfg.batch_size, n), 8192
+    # held-out rows scored at once: at most EVAL_ELEMENTS hidden activations (2,000 rows of a 400k-wide
+    # student at once were 3.2 GB, the largest memory of its fit)
+    bs, eval_rows = min(fit_cfg.batch_size, n), max(1, min(8192, EVAL_ELEMENTS // cfg.width))
     if bs < fit_cfg.batch_size:
         notes.append(f"--batch-size {fit_cfg.batch_size:,} is more than the {n:,} training samples: one "
                      f"step an epoch, of {bs:,}")
@@ -414,7 +425,9 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
         return loss / xv.shape[0] * scale, agree / xv.shape[0]
 
     history: list[dict[str, float]] = []
-    best = (math.inf, 0, copy.deepcopy(model.state_dict()))
+    # the best epoch's weights: none until an epoch is scored, then one copy, overwritten in place (at
+    # the paper's size each copy is 0.7 GB)
+    best: tuple[float, int, dict[str, Any] | None] = (math.inf, 0, None)
     seen, t0, last_report = 0, time.perf_counter(), 0.0
     step, first_epoch, earlier_seconds = 0, 1, 0.0
     run = {"student": cfg.to_dict(), "fit": {k: v for k, v in fit_cfg.__dict__.items() if k != "device"},
@@ -496,7 +509,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
                             "agreement": agreement, "step_seconds": step_seconds,
                             "step_samples_per_second": (seen - epoch_seen) / step_seconds})
             if val_loss < best[0]:
-                best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
+                best = (val_loss, epoch, _snapshot(model, best[2]))
             if checkpoint and rank == 0:
                 ckpt.save(checkpoint, {"run": run, "epoch": epoch,
                                        "model": _with_rank(model.state_dict(), cfg.rank),
@@ -518,11 +531,16 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
         torch.cuda.synchronize()
     seconds = earlier_seconds + time.perf_counter() - t0
 
-    model.load_state_dict(best[2])
-    student = build_student(cfg)
+    if best[2] is not None:
+        model.load_state_dict(best[2])
+    best = (best[0], best[1], None)
+    with torch.device("meta"):  # the real-size student takes the trained tensors, no second copy
+        student = build_student(cfg)
     state = {k: v.float().cpu() for k, v in _with_rank(model.state_dict(), cfg.rank).items()}
-    state["out.weight"], state["out.bias"] = state["out.weight"][real], state["out.bias"][real]
-    student.load_state_dict(state)
+    state["out.weight"] = state["out.weight"][real].clone()  # the padding classes' rows dropped
+    state["out.bias"] = state["out.bias"][real].clone()
+    student.load_state_dict(state, assign=True)
+    del model, state
     model = student.eval()
     _fold(model, mu, sd, z_mean, z_scale)
     return FitResult(model=model, epochs=epochs, best_epoch=best[1], seconds=seconds,

@@ -123,8 +123,10 @@ class SplitStep:
                                    self._views(self.v), strict=True):
             p.copy_(view)
             if moments and self.step_count:
+                # views of the step's own moments, not copies (1.4 GB at the paper's size): the caller
+                # saves them in the checkpoint and clears the optimizer's state right after
                 self.opt.state[p] = {"step": torch.tensor(float(self.step_count)),
-                                     "exp_avg": mv.clone(), "exp_avg_sq": vv.clone()}
+                                     "exp_avg": mv, "exp_avg_sq": vv}
 
     # ---- the threads ---------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ against the torch student (`np.allclose(ort, torch, rtol=RTOL, atol=ATOL)`). A f
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import uuid
@@ -43,6 +44,7 @@ IR_VERSION = 8  # the IR of opset 17; newer IRs are refused by older runtimes
 ATOL = 1e-4  # absolute tolerance of the value check (optimum uses 1e-5; timm 1e-4)
 RTOL = 1e-3  # relative tolerance: wide layers sum many float32 terms (torch's ONNX verifier: 1e-3)
 _PARITY_SAMPLES = 1024
+PARITY_ELEMENTS = 2**24  # activations per layer per parity chunk (samples x the widest layer)
 EXTERNAL_OVER = 1_800_000_000  # model bytes above which the weights are written beside it
 T = TypeVar("T")
 
@@ -220,7 +222,8 @@ def _embedding_bag(nodes: list[Any], extra: list[Any], cfg: StudentConfig, sig: 
     node("Div", [total, node("Cast", [count], "_count", to=TensorProto.FLOAT)], "_out")
 
 
-def _check(path: str, model: torch.nn.Module, sig: Signature, x: np.ndarray) -> tuple[float, float]:
+def _check(path: str, model: torch.nn.Module, sig: Signature, x: np.ndarray,
+           cfg: StudentConfig | None = None) -> tuple[float, float]:
     """Checker, names, shapes, values. Returns (max |ort - torch|, max |ort - float64|)."""
     import onnx
     import onnxruntime as ort
@@ -242,17 +245,24 @@ def _check(path: str, model: torch.nn.Module, sig: Signature, x: np.ndarray) -> 
         failures.append(f"inputs are {[i.name for i in sess.get_inputs()]}, expected {want}")
     if failures:
         raise ExportError("exported ONNX has the wrong interface", failures)
-    if sig.tokens:
-        from compress.tokens import feeds
+    from compress.tokens import feeds
 
-        (got,) = sess.run(None, feeds(sig.inputs, sig.input_dtypes, x))
-        xt, xt64 = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(x.astype(np.int64))
-    else:
-        (got,) = sess.run(None, {sig.input_name: x.astype(sig.input_dtype)})
-        xt, xt64 = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(x.astype(np.float64))
-    with torch.no_grad():
-        ref = model(xt).numpy()
-        ref64 = _forward64(model, xt64).numpy()
+    # a few samples at a time: at the paper's width one sample's float64 activations are 3.2 MB, and
+    # 1,024 at once took 6.6 GB (the largest memory of the whole distill)
+    widest = max(math.prod(layer.out_shape) for layer in cfg.layers()) if cfg is not None else 1
+    step = max(1, PARITY_ELEMENTS // widest)
+    parts = []
+    for i in range(0, len(x), step):
+        xi = x[i : i + step]
+        if sig.tokens:
+            (g,) = sess.run(None, feeds(sig.inputs, sig.input_dtypes, xi))
+            xt, xt64 = torch.from_numpy(xi.astype(np.int64)), torch.from_numpy(xi.astype(np.int64))
+        else:
+            (g,) = sess.run(None, {sig.input_name: xi.astype(sig.input_dtype)})
+            xt, xt64 = torch.from_numpy(xi.astype(np.float32)), torch.from_numpy(xi.astype(np.float64))
+        with torch.no_grad():
+            parts.append((g, model(xt).numpy(), _forward64(model, xt64).numpy()))
+    got, ref, ref64 = (np.concatenate(a) for a in zip(*parts, strict=True))
     if got.shape != ref.shape:
         raise ExportError("exported ONNX gives the wrong shape",
                           [f"'{sig.output_name}': {got.shape} vs torch {ref.shape}"])
@@ -281,8 +291,10 @@ def _forward64(model: torch.nn.Module, x: torch.Tensor, rows: int = 65_536) -> t
         elif isinstance(layer, nn.Linear):
             w = layer.weight.detach()
             b = torch.zeros(w.shape[0]) if layer.bias is None else layer.bias.detach()
-            x = torch.cat([x @ w[i : i + rows].double().T + b[i : i + rows].double()
-                           for i in range(0, w.shape[0], rows)], dim=1)
+            out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float64)  # filled a block at a time
+            for i in range(0, w.shape[0], rows):
+                out[:, i : i + rows] = x @ w[i : i + rows].double().T + b[i : i + rows].double()
+            x = out
     return x
 
 
@@ -299,7 +311,7 @@ def export_onnx(model: torch.nn.Module, cfg: StudentConfig, sig: Signature, path
         else:
             save(student_to_onnx(model, cfg, sig), tmp, external_over)
 
-    diff, diff64 = write_checked(write, path, lambda tmp: _check(tmp, model, sig, x))
+    diff, diff64 = write_checked(write, path, lambda tmp: _check(tmp, model, sig, x, cfg))
     return ExportResult(path=str(path), max_abs_diff=diff, max_abs_diff_fp64=diff64,
                         size_bytes=onnx_size(path))
 
