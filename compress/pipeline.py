@@ -68,18 +68,6 @@ class DistillOptions:
     buckets: int | None = None  # their hash rows; None: NGRAM_BUCKETS when ngrams > 1
 
 
-def release_memory() -> None:
-    """Give freed memory back to the system: collect cyclic garbage (the training loop's closures hold
-    its model and optimizer), then ask glibc to return free heap pages (malloc_trim; a no-op elsewhere).
-    At the paper's size the export otherwise started from the training's 7.4 GB and peaked at 9.6."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def check_device(device: str) -> None:
     """--device cuda on a machine where torch sees no GPU: refused before any teacher runs."""
     if device == "cuda":
@@ -404,7 +392,6 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     result = fit(x_train, z_train, x_val, np.asarray(z[val_idx]), cfg, opts.fit,
                  lambda info: say("fit", **info), stream_rows=stream_rows,
                  checkpoint=str(checkpoint), resume=opts.resume, world=world)
-    release_memory()  # the training state (5 copies of the weights) before the export makes its own
     if not world.main:
         distributed.finish(world)
         return None
