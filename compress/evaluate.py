@@ -151,7 +151,8 @@ def render_markdown(report: dict[str, Any], plot: str | None = None) -> str:
     lines = [
         "# compress: teacher vs student",
         "",
-        f"Teacher `{report['teacher']['name']}`; student: width {s['width']:,}, rank {s['rank']} "
+        f"Teacher `{report['teacher']['name']}`; student `{s.get('spec', '')}`: width {s['width']:,}, "
+        f"rank {s['rank']} "
         f"(SNN-MIMIC, Ba & Caruana 2014). Evaluated on {ev['source']} ({ev['samples']:,} samples).",
         "",
         "| " + " | ".join(headers) + " |",

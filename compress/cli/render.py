@@ -135,7 +135,10 @@ def print_table(report: dict[str, Any]) -> None:
     from compress.evaluate import comparison_columns
 
     s = report["student"]
-    shape = f" (width {s['width']:,}, rank {s['rank']})" if "width" in s else ""
+    if "spec" in s:  # the paper's notation says convolutions and the bag of tokens too
+        shape = f" ({s['spec']}: width {s['width']:,}, rank {s['rank']})"
+    else:
+        shape = f" (width {s['width']:,}, rank {s['rank']})" if "width" in s else ""
     table = Table(title=f"Teacher vs student{shape} on {report['eval']['source']}")
     headers, rows = comparison_columns(report)
     table.add_column(headers[0])
