@@ -10,7 +10,7 @@ MFU = 6 x weights x samples/s against the bf16 matmul peak measured in the same 
 Variants, each timed the same way:
 - `rank 250`: the step with the real rank, as compress.fit ran it before it padded the rank;
 - `fit loop`: the step as compress.fit runs it on a GPU, the rank padded to a multiple of
-  compress.fit.RANK_ALIGN (256), at batch 4096 and 8192, and at 128 (distill's default) and 512;
+  compress.gpu_step.RANK_ALIGN (256), at batch 4096 and 8192, and at 128 (distill's default) and 512;
 - `fused ReLU`: that, with the hidden layer as one cuBLASLt product with its bias and ReLU in the
   epilogue (torch._addmm_activation), its gradient from the saved output (one element-wise pass fewer);
 - `torch.compile`: the fit loop's model compiled (default mode), when it compiles here.
@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.fit import RANK_ALIGN  # noqa: E402
+from compress.gpu_step import RANK_ALIGN  # noqa: E402
 from compress.student import StudentConfig, build_student, count_params  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

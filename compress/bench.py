@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 
 from compress.errors import ConfigError
-from compress.tokens import feeds
+from compress.teachers.onnx_teacher import FLOAT_TYPES
+from compress.tokens import INT_TYPES, feeds, names_and_dtypes
 
-_ORT_NP = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-_FLOAT = ("tensor(float)", "tensor(double)", "tensor(float16)")  # what bench makes random inputs for
+_ORT_NP = {**FLOAT_TYPES, **INT_TYPES}  # FLOAT_TYPES: what bench makes random inputs for
 
 
 def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None) -> Any:
@@ -66,13 +65,12 @@ def latency(sess: Any, sample: np.ndarray | None = None, batch_sizes: tuple[int,
     inputs, outs = sess.get_inputs(), sess.get_outputs()
     inp = inputs[0]
     dtype = _ORT_NP.get(inp.type, np.float32)
-    names = tuple(i.name for i in inputs)
-    dtypes = tuple(np.dtype(_ORT_NP.get(i.type, np.float32)).name for i in inputs)
     if len(inputs) > 1:  # token inputs: `sample` is their (N, I, L) stack (compress.tokens)
         if sample is None or sample.ndim != 3 or sample.shape[1] != len(inputs):
-            raise ConfigError(f"a model of {len(inputs)} inputs {list(names)} is timed on real inputs "
-                              "stacked as (N, inputs, tokens)")
+            raise ConfigError(f"a model of {len(inputs)} inputs {[i.name for i in inputs]} is timed on real "
+                              "inputs stacked as (N, inputs, tokens)")
         dtype = np.int64
+        names, dtypes = names_and_dtypes(inputs)
     if sample is None:
         shape = inp.shape[1:]
         if not all(isinstance(d, int) for d in shape):
@@ -139,7 +137,7 @@ def bench(paths: list[str | Path], batch_sizes: tuple[int, ...] = (1, 64, 256), 
             raise ConfigError(f"MODEL {p}: takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
                               "bench times models of one float input")
         inp = inputs[0]
-        if inp.type not in _FLOAT:
+        if inp.type not in FLOAT_TYPES:
             raise ConfigError(f"MODEL {p}: input '{inp.name}' is {inp.type}; bench times models of one "
                               "float input")
         dims = inp.shape

@@ -41,10 +41,9 @@ def run_onnx(path: str | Path, x: np.ndarray, batch_size: int = 4096) -> np.ndar
     sess = onnx_session(path)
     inputs = sess.get_inputs()
     if len(inputs) > 1:  # token inputs, x their (N, I, L) stack (compress.tokens)
-        from compress.tokens import feeds
+        from compress.tokens import feeds, names_and_dtypes
 
-        names, dtypes = tuple(i.name for i in inputs), tuple("int32" if "int32" in i.type else "int64"
-                                                             for i in inputs)
+        names, dtypes = names_and_dtypes(inputs)
         return run_batched(lambda b: sess.run(None, feeds(names, dtypes, b))[0], x, batch_size)
     return run_batched(lambda b: sess.run(None, {inputs[0].name: b})[0], x, batch_size)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import time
 import warnings
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compress import checkpoint as ckpt
+from compress import gpu_step
 from compress.data import Rows
 from compress.errors import ConfigError, DivergedError
 from compress.feed import Feed, activation_bytes, plan_cuda
@@ -42,12 +42,6 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that FitConfig stays
 # loss and agreement), or {note}: something to show the user now
 FitProgress = Callable[[dict[str, Any]], None]
 PAD = 16  # class count padded to a multiple of this while training
-# On a GPU the bottleneck's rank is padded to a multiple of this while training: with k=250 the three
-# products of the hidden layer have a dimension of 500 bytes, which cuBLAS serves with Ampere-era
-# kernels aligned to 2 elements; on an H100 they took 11.5 of a 25 ms step of the paper-size student
-# (benchmarks/results/gpu_step_profile.md). The padding units start at zero and stay zero (their
-# gradients are zero), so the trained student is exactly the real-rank one; it is sliced out at the end.
-RANK_ALIGN = 8
 EVAL_ELEMENTS = 2**26  # hidden activations of one held-out scoring chunk (256 MB in float32)
 # The split CPU step costs its threads about 1 ms a step to meet; from about 100 MFLOP a step it is
 # faster than autograd (2-core CPU, fit loop: 60k vs 58k samples/s at 154 MFLOP, 48k vs 37k at 519,
@@ -176,11 +170,6 @@ def _diverged(epoch: int, train_loss: float, val_loss: float, fit_cfg: FitConfig
             + f"; no student was written{kept}. Try a lower --lr (default {FitConfig().lr:g})")
 
 
-def _padded_rank(rank: int, device: torch.device) -> int:
-    """The rank the student trains with on `device` (see RANK_ALIGN); the CPU split step pads its own."""
-    return -(-rank // RANK_ALIGN) * RANK_ALIGN if device.type == "cuda" else rank
-
-
 def _snapshot(model: nn.Module, into: dict[str, Any] | None) -> dict[str, Any]:
     """A copy of the model's state: into `into`'s tensors when given (no new memory), else new ones."""
     if into is None:
@@ -188,87 +177,6 @@ def _snapshot(model: nn.Module, into: dict[str, Any] | None) -> dict[str, Any]:
     for k, v in model.state_dict().items():
         into[k].copy_(v)
     return into
-
-
-def _fuse_relu_on(device: torch.device) -> bool:
-    """Whether the hidden layer trains as one product with its bias and ReLU (see `_fuse_hidden_relu`)."""
-    import torch
-
-    return device.type == "cuda" and hasattr(torch, "_addmm_activation")
-
-
-def _fuse_hidden_relu(model: nn.Sequential) -> None:
-    """The training model's hidden layer and ReLU as one cuBLASLt product with the bias and the ReLU in
-    its epilogue, and a backward pass that masks the gradient with the saved output: one pass over the
-    batch x H activations fewer each step (on an H100, the paper-size student's bf16 step 17.4 -> 15.3
-    ms at batch 4096; benchmarks/results/gpu_step_profile.md). Same parameters, same function."""
-    from torch import nn
-
-    hidden = model.hidden
-    hidden.forward = lambda x: _linear_relu().apply(x, hidden.weight, hidden.bias)
-    model.relu = nn.Identity()
-
-
-@functools.cache
-def _linear_relu() -> type:
-    import torch
-
-    class LinearReLU(torch.autograd.Function):
-        @staticmethod
-        @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.bfloat16)
-        def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            h = torch._addmm_activation(b, x, w.t(), use_gelu=False)
-            ctx.save_for_backward(x, w, h)
-            return h
-
-        @staticmethod
-        @torch.amp.custom_bwd(device_type="cuda")
-        def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            x, w, h = ctx.saved_tensors
-            g = torch.ops.aten.threshold_backward(g, h, 0)
-            dx = g @ w if ctx.needs_input_grad[0] else None
-            return dx, g.t() @ x, g.sum(0)
-
-    return LinearReLU
-
-
-# The tensors whose shape follows the rank, and the axis that does: checkpoints keep the real rank, so
-# that a run resumes on another device (padded or not) from the same file.
-RANK_AXES = {"bottleneck.weight": 0, "embed.weight": 1, "embed.ngram": 1, "hidden.weight": 1}
-
-
-def _with_rank(tensors: dict[str, Any], rank: int) -> dict[str, Any]:
-    """`tensors` (a state dict) with the rank axes cut or zero-padded to `rank`; others as they are."""
-    import torch
-
-    if rank == 0:  # no bottleneck: nothing follows the rank (hidden.weight's axis 1 is the input)
-        return tensors
-    out = dict(tensors)
-    for name, axis in RANK_AXES.items():
-        t = out.get(name)
-        if t is None or t.shape[axis] == rank:
-            continue
-        if t.shape[axis] > rank:
-            out[name] = t.narrow(axis, 0, rank).clone()
-        else:
-            shape = list(t.shape)
-            shape[axis] = rank - t.shape[axis]
-            out[name] = torch.cat([t, t.new_zeros(shape)], dim=axis)
-    return out
-
-
-def _opt_with_rank(state: dict[str, Any], names: list[str], rank: int) -> dict[str, Any]:
-    """An optimizer state dict with each parameter's moments resized like `_with_rank` (`names`: the
-    parameters' names in the optimizer's order)."""
-    import torch
-
-    def resize(name: str, v: Any) -> Any:  # the moments have the parameter's shape; "step" does not
-        if isinstance(v, torch.Tensor) and name in RANK_AXES and v.dim() == 2:
-            return _with_rank({name: v}, rank)[name]
-        return v
-
-    per = {i: {k: resize(names[i], v) for k, v in st.items()} for i, st in state["state"].items()}
-    return {**state, "state": per}
 
 
 def _rows(x: Any, mine: np.ndarray) -> Rows:
@@ -348,7 +256,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     # matmul at 180 GFLOP/s against 309 for 192 on the 2-core CPU (GPU tensor cores want it too). Only
     # the real classes reach the loss; the real-size student is sliced out after training.
     c_pad = -(-cfg.num_classes // PAD) * PAD
-    k_pad = _padded_rank(cfg.rank, device)
+    k_pad = gpu_step.padded_rank(cfg.rank, device)
     padded = dataclasses.replace(cfg, num_classes=c_pad, rank=k_pad)
     # held-out rows scored at once: at most EVAL_ELEMENTS hidden activations (2,000 rows of a 400k-wide
     # student at once were 3.2 GB, the largest memory of its fit)
@@ -388,13 +296,13 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     if k_pad > cfg.rank:  # the real-rank student's first weights, and padding units of zero weights in
         with torch.device("meta"):  # and out (hence zero gradients throughout)
             shell = build_student(padded)
-        shell.load_state_dict(_with_rank(model.state_dict(), k_pad), assign=True)
+        shell.load_state_dict(gpu_step.with_rank(model.state_dict(), k_pad), assign=True)
         model = shell
     model = model.to(device)
     names = [name for name, _ in model.named_parameters()]
     model.relu.inplace = True  # one activation buffer fewer per step
-    if _fuse_relu_on(device):
-        _fuse_hidden_relu(model)
+    if gpu_step.fuse_relu_on(device):
+        gpu_step.fuse_hidden_relu(model)
     real = slice(0, cfg.num_classes)
     net = model
     if ranks > 1:
@@ -443,11 +351,11 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
                           "options; this run replaces it when its first epoch ends (stop now and add "
                           "--resume to continue it instead)"})
     if state is not None:  # saved with the real rank (RANK_AXES)
-        model.load_state_dict(_with_rank(state["model"], k_pad))
-        opt.load_state_dict(_opt_with_rank(state["opt"], names, k_pad))
+        model.load_state_dict(gpu_step.with_rank(state["model"], k_pad))
+        opt.load_state_dict(gpu_step.opt_with_rank(state["opt"], names, k_pad))
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
-        best = (state["best_val"], state["best_epoch"], _with_rank(state["best_state"], k_pad))
+        best = (state["best_val"], state["best_epoch"], gpu_step.with_rank(state["best_state"], k_pad))
         history, seen, step = state["history"], state["seen"], state["step"]
         first_epoch, earlier_seconds = state["epoch"] + 1, state["seconds"]
     model.train()
@@ -512,12 +420,12 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
                 best = (val_loss, epoch, _snapshot(model, best[2]))
             if checkpoint and rank == 0:
                 ckpt.save(checkpoint, {"run": run, "epoch": epoch,
-                                       "model": _with_rank(model.state_dict(), cfg.rank),
-                                       "opt": _opt_with_rank(opt.state_dict(), names, cfg.rank),
+                                       "model": gpu_step.with_rank(model.state_dict(), cfg.rank),
+                                       "opt": gpu_step.opt_with_rank(opt.state_dict(), names, cfg.rank),
                                        "sched": sched.state_dict(), "gen": gen.get_state(),
                                        "best_val": best[0], "best_epoch": best[1],
-                                       "best_state": _with_rank(best[2], cfg.rank), "history": history,
-                                       "seen": seen, "step": step,
+                                       "best_state": gpu_step.with_rank(best[2], cfg.rank),
+                                       "history": history, "seen": seen, "step": step,
                                        "seconds": earlier_seconds + time.perf_counter() - t0})
             if split is not None:
                 opt.state.clear()  # the split step holds the moments; this copy was for the file
@@ -536,7 +444,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     best = (best[0], best[1], None)
     with torch.device("meta"):  # the real-size student takes the trained tensors, no second copy
         student = build_student(cfg)
-    state = {k: v.float().cpu() for k, v in _with_rank(model.state_dict(), cfg.rank).items()}
+    state = {k: v.float().cpu() for k, v in gpu_step.with_rank(model.state_dict(), cfg.rank).items()}
     state["out.weight"] = state["out.weight"][real].clone()  # the padding classes' rows dropped
     state["out.bias"] = state["out.bias"][real].clone()
     student.load_state_dict(state, assign=True)

@@ -162,6 +162,11 @@ def student_config(sample_shape: tuple[int, ...], num_classes: int, width: int,
     return cfg
 
 
+def student_vocab(x: np.ndarray, inputs: tuple[str, ...], opts: DistillOptions) -> int:
+    """A token-id student's V: --vocab-size, else the data's largest id + 1; 0 for float inputs."""
+    return (opts.vocab_size or tokens.vocab_size(x, inputs)) if inputs else 0
+
+
 def holdout_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (train, held-out) indices: 10% held out, at most 10,000, at least 1."""
     if n < MIN_TRANSFER:
@@ -296,7 +301,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
             y_eval = data_mod.load_labels(eval_labels, x_eval.shape[0])
     train_idx, val_idx = holdout_split(x.shape[0], opts.fit.seed)
     probe = teacher.logits(np.asarray(x[0:1], dtype=dtype))  # the class count; that it runs
-    vocab = (opts.vocab_size or tokens.vocab_size(x, sig.inputs)) if sig.tokens else 0
+    vocab = student_vocab(x, sig.inputs, opts)
     if not sig.tokens and (opts.ngrams > 1 or opts.buckets):
         raise ConfigError(f"--ngrams/--buckets: for token-id teachers; {teacher.name} takes float inputs")
     cfg = student_config(sample_shape, probe.shape[1], opts.width, opts.rank, opts.student, vocab,

@@ -26,6 +26,7 @@ from compress.pipeline import (
     holdout_split,
     out_writes,
     student_config,
+    student_vocab,
 )
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -49,7 +50,7 @@ def train_on_labels(data: str | Path, labels: str | Path, width: int, rank: int 
     if inputs and not rank:  # a text student always has its bag: the grid's rank-0 baseline gets the default
         rank = None
     cfg = student_config(tuple(int(v) for v in x.shape[1:]), classes, width, rank, spec,
-                         _vocab(x, inputs, opts), inputs, opts.ngrams, opts.buckets)
+                         student_vocab(x, inputs, opts), inputs, opts.ngrams, opts.buckets)
     res = fit(x[train_idx], onehot[train_idx], x[val_idx], onehot[val_idx], cfg,
               dataclasses.replace(opts.fit, loss="ce"))
     acc = None
@@ -125,13 +126,6 @@ def sweep(teachers: list[str | Path], data: str | Path, widths: list[int], ranks
         return _sweep(teachers, data, todo, opts, eval_data, eval_labels, train_labels, progress, inputs)
 
 
-def _vocab(x: np.ndarray, inputs: tuple[str, ...], opts: DistillOptions) -> int:
-    """A token-id student's V, as distill picks it; 0 for float inputs."""
-    from compress.tokens import vocab_size
-
-    return (opts.vocab_size or vocab_size(x, inputs)) if inputs else 0
-
-
 def _check_upfront(teachers: list[str | Path], data: str | Path, todo: list[Student], opts: DistillOptions,
                    eval_data: str | Path | None, eval_labels: str | Path | None,
                    train_labels: str | Path | None) -> tuple[str, ...]:
@@ -153,7 +147,7 @@ def _check_upfront(teachers: list[str | Path], data: str | Path, todo: list[Stud
     x = data_mod.open_inputs(data, teacher.signature.sample_shape, what="--data", key=opts.key, inputs=inputs)
     shape = tuple(int(v) for v in x.shape[1:])
     classes = teacher.logits(np.asarray(x[0:1], dtype=np.int64 if inputs else np.float32)).shape[1]
-    vocab = _vocab(x, inputs, opts)
+    vocab = student_vocab(x, inputs, opts)
     for _, w, k, spec in todo:
         try:
             cfg = student_config(shape, classes, w, k, spec, vocab, inputs, opts.ngrams, opts.buckets)

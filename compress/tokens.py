@@ -50,6 +50,11 @@ def is_token_input(ort_input: Any) -> bool:
     return ort_input.type in INT_TYPES and len(ort_input.shape) == 2
 
 
+def names_and_dtypes(inputs: list[Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names and numpy dtypes of a session's integer inputs, in order, as `feeds` takes them."""
+    return tuple(i.name for i in inputs), tuple(np.dtype(INT_TYPES[i.type]).name for i in inputs)
+
+
 def token_teacher(inputs: list[Any]) -> bool:
     """Whether a model's inputs are token ids: all integer [batch, sequence], and either several of them,
     a sequence axis of no fixed length, or a name that says ids or tokens. A single integer input of a

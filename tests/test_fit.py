@@ -141,13 +141,13 @@ def test_a_fresh_run_says_when_it_will_replace_a_resumable_checkpoint(tmp_path):
 
 
 def pad_rank_on_cpu(monkeypatch):
-    """Train as on a GPU, here on the CPU's autograd path: the rank padded to compress.fit.RANK_ALIGN,
+    """Train as on a GPU, here on the CPU's autograd path: the rank padded to compress.gpu_step.RANK_ALIGN,
     and the hidden layer fused with its ReLU."""
-    import compress.fit
+    from compress import gpu_step
 
-    align = compress.fit.RANK_ALIGN
-    monkeypatch.setattr(compress.fit, "_padded_rank", lambda rank, device: -(-rank // align) * align)
-    monkeypatch.setattr(compress.fit, "_fuse_relu_on", lambda device: True)
+    align = gpu_step.RANK_ALIGN
+    monkeypatch.setattr(gpu_step, "padded_rank", lambda rank, device: -(-rank // align) * align)
+    monkeypatch.setattr(gpu_step, "fuse_relu_on", lambda device: True)
 
 
 def held_out_l2(res, x, z):
@@ -208,13 +208,13 @@ def test_a_checkpoint_keeps_the_real_rank_and_resumes_padded_or_not(tmp_path, mo
 def test_the_fused_hidden_layer_has_the_gradients_of_linear_then_relu():
     import copy
 
-    from compress.fit import _fuse_hidden_relu
+    from compress.gpu_step import fuse_hidden_relu
 
     torch.manual_seed(0)
     for rank in (6, 0):  # the hidden layer's input from the bottleneck, or the raw input (no gradient)
         plain = build_student(StudentConfig((12,), 5, 40, rank))
         fused = copy.deepcopy(plain)
-        _fuse_hidden_relu(fused)
+        fuse_hidden_relu(fused)
         x = torch.randn(33, 12)
         outs = []
         for model in (plain, fused):

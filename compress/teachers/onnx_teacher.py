@@ -25,7 +25,7 @@ from compress.teachers import (
     probabilities_to_logits,
     run_batched,
 )
-from compress.tokens import INT_TYPES, feeds, roles, token_teacher
+from compress.tokens import feeds, names_and_dtypes, roles, token_teacher
 
 FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 PROBABILITY_OPS = {"Softmax", "Normalizer", "ZipMap"}  # graph nodes whose output is probabilities
@@ -155,7 +155,7 @@ class OnnxTeacher:
 
     def _token_signature(self, inputs: list[Any], output: str | None) -> Signature:
         """Integer inputs [batch, sequence] (compress.tokens); the output must be per-example scores."""
-        names = tuple(i.name for i in inputs)
+        names, dtypes = names_and_dtypes(inputs)
         r = roles(names, f"TEACHER {self.path}")
         out = pick_output(self.session.get_outputs(), output, self.path)
         if len(out.shape) != 2:
@@ -167,7 +167,7 @@ class OnnxTeacher:
         return Signature(input_name=names[r.ids], sample_shape=(len(names), None),
                          input_dtype="int64", output_name=out.name,
                          batch=first if isinstance(first, int) and first > 0 else None, inputs=names,
-                         input_dtypes=tuple(np.dtype(INT_TYPES[i.type]).name for i in inputs))
+                         input_dtypes=dtypes)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         sig = self.signature
