@@ -277,6 +277,8 @@ def build_student(cfg: StudentConfig) -> torch.nn.Sequential:
 
     from torch import nn
 
+    from compress import conv
+
     cfg.validate()
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for layer in cfg.layers():
@@ -286,18 +288,19 @@ def build_student(cfg: StudentConfig) -> torch.nn.Sequential:
             r = roles(cfg.inputs)
             layers["embed"] = _embedding_bag_class()(cfg.vocab, layer.size, r.ids, r.mask, cfg.ngrams,
                                                      cfg.buckets)
+        # A conv front runs on channels-last activations (compress.conv), from the norm's output to
+        # the flatten, which restores the channels-first order of the layer list and the ONNX graph.
         elif layer.kind == "norm":
             layers["norm"] = _standardize_class()(layer.in_shape)  # identity until fit sets it
         elif layer.kind == "unsqueeze":
-            layers["unsqueeze"] = nn.Unflatten(1, layer.out_shape)  # (N, L) -> (N, 1, L)
-        elif layer.kind == "conv":
-            conv = nn.Conv2d if len(layer.in_shape) == 3 else nn.Conv1d
-            layers[layer.name] = conv(layer.in_shape[0], layer.size, layer.kernel, padding=layer.kernel // 2)
-            layers[layer.name.replace("conv", "relu")] = nn.ReLU()
+            layers["unsqueeze"] = nn.Unflatten(1, (layer.in_shape[0], 1))  # (N, L) -> (N, L, 1)
+        elif layer.kind == "conv":  # + its ReLU
+            layers[layer.name] = conv.ConvReLU(layer.in_shape[0], layer.size, layer.kernel,
+                                               len(layer.in_shape) - 1)
         elif layer.kind == "pool":
-            layers[layer.name] = (nn.MaxPool2d if len(layer.in_shape) == 3 else nn.MaxPool1d)(layer.size)
-        elif layer.kind == "flatten":
-            layers["flatten"] = nn.Flatten()  # (N, ...) -> (N, D)
+            layers[layer.name] = conv.MaxPool(layer.size)
+        elif layer.kind == "flatten":  # (N, ...) -> (N, D)
+            layers["flatten"] = conv.ChannelsFirstFlatten() if cfg.front else nn.Flatten()
         elif layer.kind == "bottleneck":
             layers["bottleneck"] = nn.Linear(layer.in_shape[0], layer.size, bias=False)  # (N, D) -> (N, k)
         elif layer.kind == "hidden":
@@ -373,7 +376,8 @@ def _standardize_class() -> type:
             self.register_buffer("scale", torch.ones(shape))
 
         def forward(self, x: Any) -> Any:  # (N, *shape), or (N, D) as training feeds it
-            return (x.reshape(x.shape[0], *self.mean.shape) - self.mean) * self.scale
+            y = (x.reshape(x.shape[0], *self.mean.shape) - self.mean) * self.scale
+            return y.movedim(1, -1).contiguous() if y.dim() > 2 else y  # channels last (compress.conv)
 
     return Standardize
 

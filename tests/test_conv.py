@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
+from torch.nn import functional as F
 
 from compress.cli import cli
 from compress.pipeline import student_config
@@ -155,3 +156,46 @@ def test_inspect_says_which_convolution(tmp_path):
     r = CliRunner().invoke(cli, ["inspect", str(teacher_path()), "--json"])
     assert r.exit_code == 0
     assert json.loads(r.stdout)["student_convolution"].startswith("1-D over one channel of length 40")
+
+
+@pytest.mark.parametrize("shape,spec", [
+    ((13,), "3c5-p-2c3-p3-4L-8"),  # 1-D, one channel, odd lengths: pooling drops a remainder
+    ((2, 11), "3c3-p2-4L-8"),  # (C, L)
+    ((2, 7, 9), "3c3-p-2c5-4L-8"),  # 2-D, odd sides
+    ((1, 6, 6), "2c3-p3-8"),  # window 3, no bottleneck
+])
+def test_the_channels_last_front_matches_torch_conv_and_pool_with_ties(shape, spec):
+    """compress.conv's hand-written convolution + ReLU and max pooling, values and every gradient, against
+    F.conv*d / relu / max_pool*d in float64. Small integer inputs and weights make ties in the pooling
+    windows common (a blank patch gives equal outputs): the gradient must go where torch sends it."""
+    torch.manual_seed(0)
+    cfg = student_config(shape, 3, 0, None, spec)
+    model = build_student(cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-2, 3, p.shape))
+    x = torch.randint(0, 2, (4, *shape)).double()
+    x[:, ..., :3] = 1.0  # a constant patch: equal values inside pooling windows
+    d = len(shape) - 1 if len(shape) > 1 else 1
+    conv, pool = (F.conv2d, F.max_pool2d) if d == 2 else (F.conv1d, F.max_pool1d)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(x.shape[0], *((1,) if len(shape) == 1 else ()), *shape)
+        for layer in cfg.layers():
+            if layer.kind == "conv":
+                m = getattr(model, layer.name)
+                h = conv(h, m.weight, m.bias, padding=layer.kernel // 2).relu()
+            elif layer.kind == "pool":
+                h = pool(h, layer.size)
+        h = h.flatten(1)
+        if cfg.rank:
+            h = h @ model.bottleneck.weight.T
+        return model.out(model.hidden(h).relu())
+
+    ours = model(x)
+    grads = torch.autograd.grad(ours.square().sum(), list(model.parameters()))
+    ref = reference(x)
+    expected = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    assert torch.equal(ours, ref)
+    for (name, _), a, b in zip(model.named_parameters(), grads, expected, strict=True):
+        assert torch.equal(a, b), name
