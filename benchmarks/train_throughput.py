@@ -18,7 +18,8 @@ student, D=1845, k=250, H=400k, C=183, in bf16, and rank 0 at the same width. On
 conv students CONV_STUDENTS at batch 256 (autograd; on a GPU bf16).
 
     python benchmarks/train_throughput.py [--steps-per-epoch 40] [--epochs 6] [--repeats 5]
-Writes benchmarks/results/train_throughput_<device>.{json,md}.
+Writes benchmarks/results/train_throughput_<device>.{json,md}. malloc tuned as the CLI tunes it
+(compress.memory.keep_freed_memory).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_exports import machine  # noqa: E402
 from compress.fit import FitConfig, fit  # noqa: E402
+from compress.memory import keep_freed_memory  # noqa: E402
 from compress.student import StudentConfig, flops_per_sample, parse_spec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -139,6 +141,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5, help="runs of the first configuration")
     args = ap.parse_args()
+    keep_freed_memory()  # as the CLI runs the fit loop
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else machine()
     big = StudentConfig((1845,), 183, 400_000 if device == "cuda" else 8000, 250)

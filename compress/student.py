@@ -281,7 +281,10 @@ def build_student(cfg: StudentConfig) -> torch.nn.Sequential:
 
     cfg.validate()
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    for layer in cfg.layers():
+    listed = cfg.layers()
+    for i, layer in enumerate(listed):
+        # a conv's ReLU moves after a pooling layer right after it (compress.conv.MaxPool)
+        pooled = i + 1 < len(listed) and listed[i + 1].kind == "pool" and layer.kind == "conv"
         if layer.kind == "embed":
             from compress.tokens import roles
 
@@ -295,10 +298,10 @@ def build_student(cfg: StudentConfig) -> torch.nn.Sequential:
         elif layer.kind == "unsqueeze":
             layers["unsqueeze"] = nn.Unflatten(1, (layer.in_shape[0], 1))  # (N, L) -> (N, L, 1)
         elif layer.kind == "conv":  # + its ReLU
-            layers[layer.name] = conv.ConvReLU(layer.in_shape[0], layer.size, layer.kernel,
-                                               len(layer.in_shape) - 1)
+            layers[layer.name] = conv.Conv(layer.in_shape[0], layer.size, layer.kernel,
+                                           len(layer.in_shape) - 1, relu=not pooled)
         elif layer.kind == "pool":
-            layers[layer.name] = conv.MaxPool(layer.size)
+            layers[layer.name] = conv.MaxPool(layer.size, relu=listed[i - 1].kind == "conv")
         elif layer.kind == "flatten":  # (N, ...) -> (N, D)
             layers["flatten"] = conv.ChannelsFirstFlatten() if cfg.front else nn.Flatten()
         elif layer.kind == "bottleneck":

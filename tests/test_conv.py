@@ -163,10 +163,12 @@ def test_inspect_says_which_convolution(tmp_path):
     ((2, 11), "3c3-p2-4L-8"),  # (C, L)
     ((2, 7, 9), "3c3-p-2c5-4L-8"),  # 2-D, odd sides
     ((1, 6, 6), "2c3-p3-8"),  # window 3, no bottleneck
+    ((9,), "2c3-2c3-p1-8"),  # conv after conv (its own ReLU), a window of 1
 ])
 def test_the_channels_last_front_matches_torch_conv_and_pool_with_ties(shape, spec):
     """compress.conv's hand-written convolution + ReLU and max pooling, values and every gradient, against
-    F.conv*d / relu / max_pool*d in float64. Small integer inputs and weights make ties in the pooling
+    F.conv*d / relu / max_pool*d in float64 (a conv's ReLU runs after the pooling that follows it).
+    Small integer inputs and weights make ties in the pooling
     windows common (a blank patch gives equal outputs): the gradient must go where torch sends it."""
     torch.manual_seed(0)
     cfg = student_config(shape, 3, 0, None, spec)

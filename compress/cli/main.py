@@ -39,6 +39,7 @@ from compress.cli.options import (
 )
 from compress.cli.render import ProgressView, console
 from compress.errors import CompressError
+from compress.memory import keep_freed_memory
 
 
 class OneLineErrors(click.Group):
@@ -89,6 +90,7 @@ def _terminate_like_ctrl_c() -> None:
 @click.version_option(package_name="compress")
 def cli() -> None:
     """Distill a trained classifier into a wide, shallow student and ship it as ONNX (SNN-MIMIC)."""
+    keep_freed_memory()  # no page faults for each training step's activations (compress.memory)
 
 
 @contextlib.contextmanager
