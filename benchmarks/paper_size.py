@@ -10,8 +10,9 @@ square multi-threaded products and one single-threaded product per core at once,
 benchmarks/train_throughput.py). MFU = 6 x weights x samples/s of the fit loop (its own step timer, the
 report's `train.history[*].step_samples_per_second`) against the higher peak.
 
-    python benchmarks/paper_size.py [--samples 20000] [--width 400k] [--epochs 1]
-Writes benchmarks/results/paper_size.{json,md}.
+    python benchmarks/paper_size.py [--samples 20000] [--width 400k] [--epochs 1] [--batch-size 128]
+Writes benchmarks/results/paper_size.{json,md} (paper_size_batch<N>.* for another --batch-size). The
+child tunes malloc as the CLI does (compress.memory.keep_freed_memory).
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ def teacher(path: Path) -> None:
     onnx.save(m, str(path))
 
 
-def child(work: Path, width: str, epochs: int) -> None:
+def child(work: Path, width: str, epochs: int, batch: int) -> None:
     """The distill itself; prints one JSON line: stage start times, the report's figures, peak RSS."""
     import threading
 
     from compress.fit import FitConfig
+    from compress.memory import keep_freed_memory
     from compress.pipeline import DistillOptions, distill
     from compress.student import parse_width
 
@@ -81,8 +83,9 @@ def child(work: Path, width: str, epochs: int) -> None:
             rss_before[stage] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             current[0] = stage
 
+    keep_freed_memory()  # as the CLI's process does
     opts = DistillOptions(width=parse_width(width), rank=250, out_dir=str(work / "run"),
-                          fit=FitConfig(epochs=epochs), latency_budget_s=0.2)
+                          fit=FitConfig(epochs=epochs, batch_size=batch), latency_budget_s=0.2)
     rep = distill([work / "teacher.onnx"], work / "x.npy", opts, progress=progress)
     stages["end"] = time.perf_counter() - t0
     done.set()
@@ -102,10 +105,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=20_000)
     ap.add_argument("--width", default="400k")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=128, help="distill's --batch-size (its default: 128)")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        child(args.child, args.width, args.epochs)
+        child(args.child, args.width, args.epochs, args.batch_size)
         return
     import torch
 
@@ -120,7 +124,8 @@ def main() -> None:
     np.save(work / "x.npy", np.random.default_rng(1).standard_normal((args.samples, D), dtype=np.float32))
     before = peak()
     p = subprocess.run([sys.executable, __file__, "--child", str(work), "--width", args.width, "--epochs",
-                        str(args.epochs)], capture_output=True, text=True, cwd=ROOT)
+                        str(args.epochs), "--batch-size", str(args.batch_size)],
+                       capture_output=True, text=True, cwd=ROOT)
     after = peak()
     if p.returncode != 0:
         sys.exit(f"distill failed ({p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
@@ -134,7 +139,8 @@ def main() -> None:
     seconds = {s: round(stages[order[i + 1]] - stages[s], 2) for i, s in enumerate(order[:-1])}
     record = {"machine": machine(), "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": f"compress distill teacher.onnx --data x.npy --width {args.width} --rank 250 "
-                         f"--epochs {args.epochs}",
+                         f"--epochs {args.epochs}"
+                         + (f" --batch-size {args.batch_size}" if args.batch_size != 128 else ""),
               "D": D, "classes": C, "samples": args.samples, "width": width, "weights": r["weights"],
               "engine": r["engine"], "batch": r["batch"], "threads": r["threads"],
               "fit_loop_samples_per_second": sps, "flop_per_second": [6 * macs * s for s in sps],
@@ -144,7 +150,8 @@ def main() -> None:
               "peak_rss_before_stage_bytes": r["rss_before"], "rss_max_per_stage_bytes": r["rss_max"],
               "export_max_abs_diff": r["export_max_abs_diff"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "paper_size.json").write_text(json.dumps(record, indent=2) + "\n")
+    stem = "paper_size" + (f"_batch{args.batch_size}" if args.batch_size != 128 else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# The paper-size distill on {record['machine']} ({record['when']})", "",
              f"`{record['command']}`: D={D}, C={C}, {args.samples:,} samples, {r['weights']:,} student "
              f"weights, engine {r['engine']}, batch {r['batch']}, {r['threads']} threads, torch "
@@ -159,7 +166,7 @@ def main() -> None:
              + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in r["rss_max"].items()),
              "- seconds per stage: " + ", ".join(f"{k} {v}" for k, v in seconds.items()),
              "- files: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r["files"].items())]
-    (RESULTS / "paper_size.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -20,7 +20,7 @@ same student trained on the R8 training labels alone (cross-entropy). Latency pe
 and 256 for the teacher and the students (onnxruntime, CPU, compress.bench.latency).
 
     pip install tokenizers scikit-learn   # (scikit-learn is a compress dependency already)
-    python benchmarks/text_minilm.py [--tokens 128] [--epochs 30]
+    python benchmarks/text_minilm.py [--tokens 128] [--epochs N]
 Writes benchmarks/results/text_minilm.{json,md}.
 """
 
@@ -146,7 +146,8 @@ def latency(path: Path, x: np.ndarray, batches=(1, 256)) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="for every student [default: distill's own, about 512,000 samples seen]")
     ap.add_argument("--students", default="64L-2k,128L-4k")
     ap.add_argument("--augment", default="mask:2,ngram:2", help="runs of the first student with these")
     args = ap.parse_args()
@@ -208,6 +209,7 @@ def main() -> None:
                      "agreement": rep["fidelity"]["agreement"],
                      "size_bytes": rep["student"]["size_bytes"],
                      "seconds": time.perf_counter() - t, "teacher_accuracy": rep["teacher"]["accuracy"],
+                     "epochs": rep["train"]["epochs"], "best_epoch": rep["train"]["best_epoch"],
                      "onnx": str(work / name / "student.onnx")})
         print(json.dumps({k: v for k, v in runs[-1].items() if k != "onnx"}), flush=True)
 
@@ -226,7 +228,8 @@ def main() -> None:
 
         with torch.no_grad():
             pred = res.model(torch.from_numpy(xt)).numpy().argmax(1)
-        labels_only.append({"student": spec, "accuracy": float((pred == y_test).mean())})
+        labels_only.append({"student": spec, "accuracy": float((pred == y_test).mean()),
+                            "epochs": res.epochs, "best_epoch": res.best_epoch})
         print(json.dumps(labels_only[-1]), flush=True)
 
     xs = xt[:256]
@@ -249,16 +252,20 @@ def main() -> None:
              f"all-MiniLM-L6-v2 int8 + mean pooling + logistic regression on the {len(train_text):,} R8 "
              f"training documents ({teacher.stat().st_size / 1e6:.1f} MB), accuracy on the "
              f"{len(test_text):,} R8 test documents: {100 * runs[0]['teacher_accuracy']:.1f}%.", "",
-             "| transfer set | augment | documents (+synthetic) | student | parameters | size | int8 size | "
-             "test accuracy | agreement | int8 accuracy | int8 vs fp32 |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"Training length: {'distill' + chr(39) + 's default' if args.epochs is None else args.epochs} "
+             "epochs for every student (epochs run / best by held-out loss in the table).", "",
+             "| transfer set | augment | documents (+synthetic) | student | epochs | parameters | size | "
+             "int8 size | test accuracy | agreement | int8 accuracy | int8 vs fp32 |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['transfer']} | {r['augment'] or '-'} | {r['documents']:,} (+{r['synthetic']:,}) | "
-              f"`{r['student']}` | {r['params']:,} | {r['size_bytes'] / 1e6:.2f} MB | "
+              f"`{r['student']}` | {r['epochs']} / {r['best_epoch']} | {r['params']:,} | "
+              f"{r['size_bytes'] / 1e6:.2f} MB | "
               f"{r['int8_size_bytes'] / 1e6:.2f} MB | {100 * r['accuracy']:.1f}% | "
               f"{100 * r['agreement']:.1f}% | "
               f"{100 * r['int8_accuracy']:.1f}% | {100 * r['int8_agreement_with_fp32']:.1f}% |" for r in runs]
     lines += ["", "The same students trained on the R8 training labels alone (cross-entropy): " +
-              ", ".join(f"`{r['student']}` {100 * r['accuracy']:.1f}%" for r in labels_only) + ".", "",
+              ", ".join(f"`{r['student']}` {100 * r['accuracy']:.1f}% ({r['epochs']} epochs, best "
+                        f"{r['best_epoch']})" for r in labels_only) + ".", "",
               "Latency per document (onnxruntime CPU, median of calls at that batch size, divided by "
               "it):", "",
               "| model | batch 1 | batch 256 |", "|---|---:|---:|"]

@@ -4,11 +4,10 @@ The default loss is the paper's L2 regression on logits, 1/(2T) sum_t ||f(x_t) -
 (Ba & Caruana 2014, eq. 1); `loss="kl"` is Hinton et al. (2015)'s softened cross-entropy instead.
 
 Defaults, chosen to work untuned on the tests' teachers and the demo (see README, "Training"):
-AdamW, learning rate 3e-3 with a 3% linear warm-up and cosine decay to zero, batch 128 (WIDE_BATCH
-for students of WIDE_WEIGHTS weights or more, see default_batch), and as many epochs as show the
-student about 512,000 samples (4,000 steps of 128; at least 10 epochs, at most 300). Inputs are
-standardized and targets scaled while training, and both are folded back afterwards
-(compress/scaling.py), so the saved student takes raw inputs and gives raw logits.
+AdamW, learning rate 3e-3 with a 3% linear warm-up and cosine decay to zero, batch 128, and as many
+epochs as give about 4,000 optimizer steps (at least 10, at most 300). Inputs are standardized and
+targets scaled while training, and both are folded back afterwards (compress/scaling.py), so the
+saved student takes raw inputs and gives raw logits.
 A held-out slice scores every epoch (loss and top-1 agreement with the teacher); the best epoch
 by held-out loss is kept.
 """
@@ -53,7 +52,7 @@ SPLIT_MIN_FLOP_PER_STEP = 100e6
 @dataclass(frozen=True)
 class FitConfig:
     epochs: int | None = None  # None: about 4,000 steps, clamped to 10..300 epochs
-    batch_size: int | None = None  # samples per optimizer step; None: default_batch(student)
+    batch_size: int = 128  # samples per optimizer step
     lr: float = 3e-3  # AdamW peak learning rate
     weight_decay: float = 0.0  # decoupled (AdamW); the paper used none
     loss: str = "l2"  # "l2" (the paper's), "kl" (Hinton 2015), or "ce" (targets are one-hot labels)
@@ -65,7 +64,7 @@ class FitConfig:
     def validate(self) -> None:
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"--epochs: must be at least 1, got {self.epochs}")
-        if self.batch_size is not None and self.batch_size < 1:
+        if self.batch_size < 1:
             raise ConfigError(f"--batch-size: must be at least 1, got {self.batch_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr: must be a positive number, got {self.lr}")
@@ -134,24 +133,9 @@ def _use_split(fit_cfg: FitConfig, device: torch.device, ranks: int, cfg: Studen
     return step_flop >= SPLIT_MIN_FLOP_PER_STEP and hasattr(torch, "_fused_adamw_")
 
 
-BATCH = 128
-# From WIDE_WEIGHTS weights on, a step at batch 128 spends about as long in AdamW's pass over the
-# weights, gradients and two moments (28 bytes a weight read or written, far beyond any cache) as in
-# its products (6 x weights x batch FLOP): the paper-size student (174M weights) ran at 52.7% of the
-# CPU's matmul peak. Four times the batch spreads that pass over four times the samples.
-# benchmarks/batch_by_width.py measures both sides: speed at the paper's size, and held-out accuracy
-# of a wide student at equal samples seen (fewer, larger steps).
-WIDE_BATCH, WIDE_WEIGHTS = 512, 20_000_000
-TARGET_SAMPLES = 4000 * BATCH  # the default training length, as samples: the same for any batch size
-
-
-def default_batch(cfg: StudentConfig) -> int:
-    return WIDE_BATCH if count_params(cfg) >= WIDE_WEIGHTS else BATCH
-
-
-def auto_epochs(n_train: int) -> int:
-    """Epochs that show the student about TARGET_SAMPLES samples, at least 10, at most 300."""
-    return max(10, min(300, math.ceil(TARGET_SAMPLES / max(1, n_train))))
+def auto_epochs(n_train: int, batch_size: int, target_steps: int = 4000) -> int:
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    return max(10, min(300, math.ceil(target_steps / steps_per_epoch)))
 
 
 def _loss_fn(cfg: FitConfig, z_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -276,10 +260,9 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     padded = dataclasses.replace(cfg, num_classes=c_pad, rank=k_pad)
     # held-out rows scored at once: at most EVAL_ELEMENTS hidden activations (2,000 rows of a 400k-wide
     # student at once were 3.2 GB, the largest memory of its fit)
-    asked = fit_cfg.batch_size or default_batch(cfg)
-    bs, eval_rows = min(asked, n), max(1, min(8192, EVAL_ELEMENTS // cfg.width))
-    if bs < asked:
-        notes.append(f"--batch-size {asked:,} is more than the {n:,} training samples: one "
+    bs, eval_rows = min(fit_cfg.batch_size, n), max(1, min(8192, EVAL_ELEMENTS // cfg.width))
+    if bs < fit_cfg.batch_size:
+        notes.append(f"--batch-size {fit_cfg.batch_size:,} is more than the {n:,} training samples: one "
                      f"step an epoch, of {bs:,}")
     if device.type == "cuda":  # the batch and the training rows sized to the GPU's free memory
         acts = d + 4 * sum(math.prod(ly.out_shape) for ly in cfg.layers() if ly.kind in ("conv", "pool"))
@@ -329,7 +312,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     opt = torch.optim.AdamW(model.parameters(), lr=fit_cfg.lr, weight_decay=fit_cfg.weight_decay,
                             fused=True)  # one kernel over all parameters, on CPU as on GPU
     steps_per_epoch = sum(math.ceil((b - a) / bs) for a, b in bounds)
-    epochs = fit_cfg.epochs or auto_epochs(n)
+    epochs = fit_cfg.epochs or auto_epochs(n, bs)
     total = epochs * steps_per_epoch
     warm = max(1, int(0.03 * total))
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -21,7 +21,7 @@ from compress import data as data_mod
 from compress import jsonio, tokens
 from compress.atomic import atomic_path, exclusive, refuse_overwrite
 from compress.errors import ConfigError, DataError, ExportError, TeacherError
-from compress.fit import FitConfig, default_batch
+from compress.fit import FitConfig
 from compress.student import StudentConfig, count_params
 from compress.teachers import OnnxTeacher, load_teacher
 
@@ -101,7 +101,7 @@ def check_memory(cfg: StudentConfig, fit: FitConfig, data_bytes: int, option: st
 
     if resolve_device(fit.device).type != "cpu":
         return
-    need = training_bytes(count_params(cfg), fit.batch_size or default_batch(cfg),
+    need = training_bytes(count_params(cfg), fit.batch_size,
                           activation_bytes(cfg.input_dim, cfg.rank, cfg.width, cfg.num_classes), data_bytes)
     room = available_bytes()
     if room is not None and need > room:
@@ -392,8 +392,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     # 3. fit on the training part, score on the held-out part
     x_val = np.asarray(x[val_idx], dtype=dtype)
     # streamed: three blocks at most in memory at once (compress/feed.py reads the next one ahead)
-    batch = opts.fit.batch_size or default_batch(cfg)
-    stream_rows = max(batch, budget // (3 * row_bytes)) if streamed else None
+    stream_rows = max(opts.fit.batch_size, budget // (3 * row_bytes)) if streamed else None
     checkpoint = out / "checkpoint.pt"
     result = fit(x_train, z_train, x_val, np.asarray(z[val_idx]), cfg, opts.fit,
                  lambda info: say("fit", **info), stream_rows=stream_rows,

@@ -62,8 +62,8 @@ def test_kl_loss_trains():
 
 
 def test_auto_epochs():
-    assert auto_epochs(1080) == 300 and auto_epochs(190_000) == 10
-    assert auto_epochs(40_000) == 13  # 512,000 samples: 4,000 steps of 128, 1,000 of 512
+    assert auto_epochs(1080, 128) == 300 and auto_epochs(190_000, 128) == 10
+    assert auto_epochs(40_000, 128) == 13
 
 
 def interrupt_and_resume(x, z, cfg, fc, ck, stop_epoch):
@@ -225,20 +225,3 @@ def test_the_fused_hidden_layer_has_the_gradients_of_linear_then_relu():
         assert outs[1][1].keys() == outs[0][1].keys()
         for name, grad in outs[0][1].items():
             torch.testing.assert_close(outs[1][1][name], grad, msg=name)
-
-
-def test_the_batch_grows_with_the_student_not_the_training_length():
-    """default_batch: 128, and WIDE_BATCH from WIDE_WEIGHTS weights on (where AdamW's pass over the
-    weights costs as much as a 128-sample step's products); the default length is counted in samples,
-    so a wider batch means fewer steps, not more epochs."""
-    from compress.fit import BATCH, WIDE_BATCH, WIDE_WEIGHTS, default_batch
-    from compress.student import count_params
-
-    small, big = StudentConfig((1845,), 183, 8000, 250), StudentConfig((1845,), 183, 400_000, 250)
-    assert count_params(small) < WIDE_WEIGHTS <= count_params(big)
-    assert default_batch(small) == BATCH == 128 and default_batch(big) == WIDE_BATCH == 512
-    rng = np.random.default_rng(0)
-    x, z = rng.standard_normal((300, 4), dtype=np.float32), rng.standard_normal((300, 3), dtype=np.float32)
-    cfg = StudentConfig((4,), 3, 8, 0)
-    assert fit(x, z, x[:50], z[:50], cfg, FitConfig(epochs=1)).batch_size == 128
-    assert fit(x, z, x[:50], z[:50], cfg, FitConfig(epochs=1, batch_size=32)).batch_size == 32

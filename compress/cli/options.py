@@ -113,10 +113,9 @@ def fit_options(f: Any) -> Any:
                           "(conv, pooling, bottleneck, width), 250L-400k (= --width 400k --rank 250). "
                           "Not with --width/--rank."),
         click.option("--epochs", type=EPOCHS, default=None,
-                     help="Passes over the transfer data [default: about 512,000 samples seen, 10..300]."),
-        click.option("--batch-size", type=BATCH, default=None,
-                     help="Samples per optimizer step [default: 128; 512 for students of 20M weights "
-                          "or more]."),
+                     help="Passes over the transfer data [default: about 4,000 steps, 10..300]."),
+        click.option("--batch-size", type=BATCH, default=d.batch_size, show_default=True,
+                     help="Samples per optimizer step."),
         click.option("--lr", type=Bounded(0.0, 1.0, low_open=True), default=d.lr, show_default=True,
                      help="Peak Adam learning rate (3% warm-up, cosine decay)."),
         click.option("--loss", type=click.Choice(["l2", "kl"]), default=d.loss, show_default=True,
