@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# How long a test waits for a child process before calling it hung: a guard, not a timing assumption.
+# 60 s ran out on a fresh clone's `make test` while two benchmarks shared this 2-core machine.
+HANG_S = 600
+
 
 def block_after(target: str, calls: int, ready: Path) -> None:
     module_name, name = target.split(":")

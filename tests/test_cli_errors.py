@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from compress.cli import cli
+from tests.hooks import HANG_S
 
 
 def run_distill(tmp_path, teacher, data, *extra):
@@ -151,7 +152,7 @@ def test_a_write_that_does_not_fit_is_one_line_and_leaves_nothing(tmp_path, digi
         args, limit, named = ["export", str(tmp_path / "made" / "student.pt"), "--out",
                               str(out / "s.onnx")], 30_000, out / "s.onnx"
     r = subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True,
-                       preexec_fn=_with_file_size_limit(limit), timeout=120)
+                       preexec_fn=_with_file_size_limit(limit), timeout=HANG_S)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"Error: {named}: cannot write it: File too large")
     assert "Traceback" not in r.stderr

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from compress.cli import cli
+from tests.hooks import HANG_S
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +245,7 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path):
     progress = tmp_path / ".z.npy.progress.json"
     wait_for(progress, proc, lambda p: __import__("json").loads(p.read_text())["done"] > 0)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1].startswith("Interrupted: 16,384 of")
     left = {p.name for p in tmp_path.iterdir()}

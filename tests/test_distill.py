@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from compress.cli import cli
+from tests.hooks import HANG_S
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def test_ctrl_c_during_fit_says_how_to_resume_and_resume_finishes(tmp_path):
     proc = subprocess.Popen(hooked, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(ready, proc)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, stderr
     hint = f"Interrupted: the same command with --resume continues from {out / 'checkpoint.pt'}"
     assert stderr.strip().splitlines()[-1] == hint
@@ -208,7 +209,7 @@ def test_ctrl_c_during_labelling_says_how_far_it_got(tmp_path, command):
                             env={**os.environ, "GATE_AFTER_ROWS": str(CHUNK_ROWS)})
     wait_for(progress, proc, lambda p: json.loads(p.read_text())["done"] > 0)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, stderr
     last = stderr.strip().splitlines()[-1]
     assert last == f"Interrupted: {CHUNK_ROWS:,} of {n:,} rows are labelled; the same command continues"

@@ -12,6 +12,7 @@ from torch import nn
 
 from compress.cli import cli
 from tests.conftest import DigitsCNN, export_teacher, train_classifier
+from tests.hooks import HANG_S
 
 MEAN, STD = 0.1307, 0.3081  # normalized the usual MNIST way: the blank border is -0.4242
 
@@ -84,7 +85,7 @@ def test_progress_lines_reach_a_log_during_the_run(tmp_path, digits_files):
             lines = log.read_text().splitlines()
         finally:
             proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
+            proc.wait(timeout=HANG_S)
     assert "teacher: 1,200/1,200 rows" in lines, lines
     epoch = [line for line in lines if line.startswith("fit: epoch 1/5,") and "residual" in line]
     assert epoch and "samples/s" in epoch[0], lines

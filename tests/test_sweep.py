@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from compress.cli import cli
 from compress.sweep import plot_sweep
+from tests.hooks import HANG_S
 
 
 def test_sweep_table_and_figure(tmp_path, digits_files):
@@ -63,7 +64,7 @@ def test_ctrl_c_then_resume_keeps_the_finished_students(tmp_path, digits_files):
                              "--", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(ready, proc)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == ("Interrupted: 1 of 4 students are finished; the same "
                                                "command with --resume keeps them and continues")
