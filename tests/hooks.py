@@ -21,6 +21,15 @@ from typing import Any
 HANG_S = 600
 
 
+def sigint_default() -> None:
+    """Popen's preexec_fn for a child that a test interrupts with SIGINT: a shell runs background jobs
+    (`make test &`, CI runners, nohup) with SIGINT ignored, children inherit that, and Python then never
+    installs its KeyboardInterrupt handler; the child slept through the test's Ctrl-C until killed."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def block_after(target: str, calls: int, ready: Path) -> None:
     module_name, name = target.split(":")
     module = importlib.import_module(module_name)

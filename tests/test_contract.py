@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from compress.cli import cli
-from tests.hooks import HANG_S
+from tests.hooks import HANG_S, sigint_default
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,8 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "compress", "targets", str(tmp_path / "t.pt"), "--arch",
                              "tests.gated_teacher:make", "--data", str(tmp_path / "x.npy"), "--out",
                              str(tmp_path / "z.npy")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "GATE_AFTER_ROWS": str(CHUNK_ROWS)})
+                            text=True, env={**os.environ, "GATE_AFTER_ROWS": str(CHUNK_ROWS)},
+                            preexec_fn=sigint_default)
     progress = tmp_path / ".z.npy.progress.json"
     wait_for(progress, proc, lambda p: __import__("json").loads(p.read_text())["done"] > 0)
     proc.send_signal(signal.SIGTERM)

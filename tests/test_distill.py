@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from compress.cli import cli
-from tests.hooks import HANG_S
+from tests.hooks import HANG_S, sigint_default
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,8 @@ def test_ctrl_c_during_fit_says_how_to_resume_and_resume_finishes(tmp_path):
     ready = tmp_path / "ready"  # the first checkpoint is saved, and the run waits (tests/hooks.py)
     hooked = [sys.executable, "-m", "tests.hooks", "compress.checkpoint:save", "1", str(ready), "--",
               *cmd[3:]]
-    proc = subprocess.Popen(hooked, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(hooked, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
     wait_for(ready, proc)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=HANG_S)
@@ -206,7 +207,7 @@ def test_ctrl_c_during_labelling_says_how_far_it_got(tmp_path, command):
     proc = subprocess.Popen([sys.executable, "-m", "compress", command, str(tmp_path / "t.pt"), "--arch",
                              "tests.gated_teacher:make", "--data", str(tmp_path / "x.npy"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "GATE_AFTER_ROWS": str(CHUNK_ROWS)})
+                            env={**os.environ, "GATE_AFTER_ROWS": str(CHUNK_ROWS)}, preexec_fn=sigint_default)
     wait_for(progress, proc, lambda p: json.loads(p.read_text())["done"] > 0)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=HANG_S)

@@ -12,7 +12,7 @@ from torch import nn
 
 from compress.cli import cli
 from tests.conftest import DigitsCNN, export_teacher, train_classifier
-from tests.hooks import HANG_S
+from tests.hooks import HANG_S, sigint_default
 
 MEAN, STD = 0.1307, 0.3081  # normalized the usual MNIST way: the blank border is -0.4242
 
@@ -79,7 +79,7 @@ def test_progress_lines_reach_a_log_during_the_run(tmp_path, digits_files):
         proc = subprocess.Popen([sys.executable, "-m", "tests.hooks", "compress.checkpoint:save", "2",
                                  str(ready), "--", "distill", str(f["teacher"]), "--data", str(f["x"]),
                                  "--width", "64", "--epochs", "5", "--out", str(tmp_path / "run")],
-                                stdout=subprocess.DEVNULL, stderr=err)
+                                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=sigint_default)
         try:
             wait_for(ready, proc)
             lines = log.read_text().splitlines()

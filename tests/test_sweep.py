@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from compress.cli import cli
 from compress.sweep import plot_sweep
-from tests.hooks import HANG_S
+from tests.hooks import HANG_S, sigint_default
 
 
 def test_sweep_table_and_figure(tmp_path, digits_files):
@@ -61,7 +61,8 @@ def test_ctrl_c_then_resume_keeps_the_finished_students(tmp_path, digits_files):
             "--ranks", "0", "--epochs", "20", "--bench-seconds", "0.02", "--out", str(out)]
     ready = tmp_path / "ready"  # the first student is finished, and the sweep waits (tests/hooks.py)
     proc = subprocess.Popen([sys.executable, "-m", "tests.hooks", "compress.sweep:distill", "1", str(ready),
-                             "--", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
     wait_for(ready, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=HANG_S)
