@@ -43,7 +43,7 @@ class _MaxPoolAxis(torch.autograd.Function):
             beats.append(yj - out)  # > 0 where y_j takes over
             out = torch.maximum(out, yj)
         if relu:  # the convolution's ReLU after the max: relu(max) = max(relu), on 1/window of the data
-            out = out.clamp_min_(0.0) if beats else out.clamp_min(0.0)
+            out = out.clamp_min_(0.0)  # a result of torch.maximum: window >= 2 here (MaxPool)
         ctx.save_for_backward(out if relu else None, *beats)
         ctx.axis, ctx.length = axis, x.shape[axis]
         return out
