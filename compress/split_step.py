@@ -9,6 +9,10 @@ single-threaded BLAS on them; the cores meet at four barriers a step, each over 
 the bottleneck activations, the logits, the logit gradient, and the bottleneck gradient. The hidden
 bias rides in the bottleneck matmuls as a column of ones (k padded to a multiple of 16 with it), which
 removes its two memory passes and gives the BLAS a friendlier shape.
+Each thread works through its hidden units a block at a time (a few thousand units at the paper's
+size): the block's ReLU and its backward run on activations still in cache, and its AdamW update runs
+right after its gradients are made, from scratch buffers that stay in cache, so the hidden layer's
+gradients are never held whole (at 400k units that is 0.7 GB of memory, and two passes over it, less).
 
 The arithmetic is that of `loss.backward()` followed by `torch.optim.AdamW(fused=True)` on the student
 (tests/test_split_step.py compares the two step by step); only the order of float sums differs.
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 PAD = 16
+BLOCK_BYTES = 16 << 20  # the working set of one block of hidden units (see `block`)
 _SYNC = ("sync",)  # a job that only waits for the threads
 
 
@@ -45,7 +50,7 @@ class SplitStep:
 
     def __init__(self, model: nn.Sequential, opt: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_classes: int,
-                 batch_size: int, threads: int, l2: bool = False) -> None:
+                 batch_size: int, threads: int, l2: bool = False, block: int | None = None) -> None:
         self.model, self.opt, self.loss_fn, self.l2 = model, opt, loss_fn, l2
         self.threads, self.c = max(1, threads), num_classes
         self.bottleneck = hasattr(model, "bottleneck")
@@ -54,6 +59,11 @@ class SplitStep:
         self.d = model.bottleneck.in_features if self.bottleneck else hidden.in_features
         self.k = hidden.in_features if self.bottleneck else 0
         b, cp, h = batch_size, self.cp, self.h
+        # hidden units a thread works through at a time: a block's activations, weights and gradients
+        # (4 floats a unit per batch row, input and class) fill about half a core's L2 cache
+        width_in = -(-(self.k + 1) // PAD) * PAD if self.bottleneck else self.d
+        per_unit = 4 * (2 * b + 2 * (width_in + cp))
+        self.block = block or max(16, BLOCK_BYTES // per_unit // 16 * 16)
         f32 = dict(dtype=torch.float32)
         if self.bottleneck:  # w1 (kp, D): rows k.. zero; w2 (H, kp): column k is the bias, k+1.. zero
             self.kp = -(-(self.k + 1) // PAD) * PAD
@@ -62,7 +72,10 @@ class SplitStep:
             self.kp = 0
             shapes = [(h, self.d), (h,), (h, cp), (cp,)]
         self.params = [torch.zeros(s, **f32) for s in shapes]
-        self.grads = [torch.zeros(s, **f32) for s in shapes]
+        # Gradients held whole only for what is updated after the blocks (the bottleneck, the output
+        # bias); the hidden layer's live one block at a time in each thread's scratch.
+        self.grads = [torch.zeros(s, **f32) if i == 3 or (i == 0 and self.bottleneck) else torch.empty(0)
+                      for i, s in enumerate(shapes)]
         self.m = [torch.zeros(s, **f32) for s in shapes]
         self.v = [torch.zeros(s, **f32) for s in shapes]
         self.step_count = 0
@@ -131,31 +144,40 @@ class SplitStep:
     # ---- the threads ---------------------------------------------------------------------------------
 
     def _plan(self, j: int) -> dict[str, Any]:
-        """Thread j's hidden units, its slice of the bottleneck rows, and its Adam tensors."""
-        nt, b = self.threads, self.xb.shape[0]
+        """Thread j's hidden units in blocks (each with its activations and views of its weights and
+        Adam moments), its slice of the bottleneck rows, and the scratch one block's gradients use."""
+        nt, b, kp, cp = self.threads, self.xb.shape[0], self.kp, self.cp
         hs = _split(self.h, j, nt)
-        plan = {"hs": hs, "step": torch.zeros(()), "a": torch.empty(b, hs.stop - hs.start),
-                "da": torch.empty(b, hs.stop - hs.start)}
-        if self.bottleneck:
+        width_in = kp if self.bottleneck else self.d  # what a hidden unit reads: z1, or x itself
+        plan: dict[str, Any] = {"step": torch.zeros(()), "blocks": [],
+                                "da": torch.empty(b * self.block),
+                                "g_hid": torch.empty(self.block, width_in),
+                                "g_out": torch.empty(self.block, cp)}
+        hid = 1 if self.bottleneck else 0
+        for start in range(hs.start, hs.stop, self.block):
+            s = slice(start, min(start + self.block, hs.stop))
+            rows = s.stop - s.start
+            g_hid, g_out = plan["g_hid"][:rows], plan["g_out"][:rows]
+            block = {"a": torch.empty(b, rows), "da": plan["da"][: b * rows].view(b, rows),
+                     "w_hid": self.params[hid][s], "w_out": self.params[2][s],
+                     "g_hid": g_hid, "g_out": g_out}
+            owned = [(hid, g_hid), (2, g_out)]
+            if not self.bottleneck:
+                block["b_hid"], block["g_b"] = self.params[1][s], torch.empty(rows)
+                owned.append((1, block["g_b"]))
+            ps, ms, vs = ([t[i][s] for i, _ in owned] for t in (self.params, self.m, self.v))
+            block["adam"] = (ps, [g for _, g in owned], ms, vs)
+            plan["blocks"].append(block)
+        late = []  # updated after the blocks: the bottleneck's input rows, whose gradient needs every
+        if self.bottleneck:  # thread's blocks, and the output bias (thread 0)
             ds = _split(self.d, j, nt)
-            plan["ds"] = ds
-            plan["dz"] = torch.empty(b, self.kp)
-            late = [(0, ds)]  # the bottleneck's input rows: their gradient needs every thread's part
-        else:
-            late = [(0, hs), (1, hs)]  # the first layer: its gradient comes last
-        early = [(1, hs), (2, hs)] if self.bottleneck else [(2, hs)]
+            plan["ds"], plan["dz"] = ds, torch.empty(b, kp)
+            late.append((0, ds))
         if j == 0:
-            early.append((3, slice(None)))
-        # Adam is memory-bound and the matmuls compute-bound: even threads update their hidden units
-        # while odd ones run a matmul, so the two kinds overlap instead of queueing for memory together.
-        if j % 2 == 0:
-            plan["adam_early"], plan["adam_late"] = self._adam_lists(early), self._adam_lists(late)
-        else:
-            plan["adam_early"], plan["adam_late"] = None, self._adam_lists(early + late)
+            late.append((3, slice(None)))
+        plan["adam_late"] = tuple([t[i][s] for i, s in late]
+                                  for t in (self.params, self.grads, self.m, self.v))
         return plan
-
-    def _adam_lists(self, own: list[tuple[int, slice]]) -> tuple[list[torch.Tensor], ...]:
-        return tuple([t[i][s] for i, s in own] for t in (self.params, self.grads, self.m, self.v))
 
     # A step starts when every thread has reached the barrier: the caller with a new job, the others
     # done with the last one; so a step's end needs no barrier of its own, only `sync()` before
@@ -255,28 +277,30 @@ class SplitStep:
     def _work(self, j: int, x: torch.Tensor, z: torch.Tensor, idx: torch.Tensor, step: int, lr: float,
               betas: tuple[float, float], eps: float, weight_decay: float) -> None:
         nt, plan, n = self.threads, self._plans[j], idx.shape[0]
-        bs, hs = _split(n, j, nt), plan["hs"]
+        bs = _split(n, j, nt)
         mm, wait = torch.mm, self._barrier.wait
-        a, da = plan["a"][:n], plan["da"][:n]
-        w_in, w_out = self.params[0], self.params[2][hs]
-        g = self.grads
-        xb, dy = self.xb[:n], self.dy[:n]
+        xb, dy, y = self.xb[:n], self.dy[:n], self.y[j][:n]
 
         torch.index_select(x, 0, idx[bs], out=self.xb[bs])
         torch.index_select(z, 0, idx[bs], out=self.tb[bs])
         if self.bottleneck:
-            z1 = self.z1[:n]
-            mm(self.xb[bs], w_in, out=self.z1[bs])
+            mm(self.xb[bs], self.params[0], out=self.z1[bs])
             self.z1[bs, self.k] = 1.0
-            wait()
-            w_hid = self.params[1][hs]
-            mm(z1, w_hid.t(), out=a)  # the bias is z1's column of ones
-        else:
-            wait()
-            w_hid = self.params[0][hs]
-            torch.addmm(self.params[1][hs], xb, w_hid.t(), out=a)
-        a.relu_()
-        mm(a, w_out, out=self.y[j][:n])
+        wait()
+        inp = self.z1[:n] if self.bottleneck else xb
+        if not plan["blocks"]:  # fewer hidden units than threads
+            y.zero_()
+        for i, block in enumerate(plan["blocks"]):
+            a = block["a"][:n]
+            if self.bottleneck:
+                mm(inp, block["w_hid"].t(), out=a)  # the bias is z1's column of ones
+            else:
+                torch.addmm(block["b_hid"], inp, block["w_hid"].t(), out=a)
+            a.relu_()
+            if i == 0:
+                mm(a, block["w_out"], out=y)
+            else:
+                y.addmm_(a, block["w_out"])
         wait()
 
         if j == 0:  # the loss: a few small ops, cheaper on one thread than fought over for the GIL
@@ -295,33 +319,41 @@ class SplitStep:
                     loss.backward()
                 self.loss.copy_(loss.detach())
                 dy[:, : self.c] = y.grad
-            torch.sum(dy, 0, out=g[3])
+            torch.sum(dy, 0, out=self.grads[3])
         wait()
 
         plan["step"].fill_(step)  # this thread's copy: the caller may be posting the next step already
 
-        def adam(lists: tuple[list[torch.Tensor], ...] | None) -> None:
-            if lists:
-                ps, gs, ms, vs = lists
+        def adam(lists: tuple[list[torch.Tensor], ...]) -> None:
+            ps, gs, ms, vs = lists
+            if ps:
                 torch._fused_adamw_(ps, gs, ms, vs, [], [plan["step"]] * len(ps), amsgrad=False, lr=lr,
                                     beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps,
                                     maximize=False)
 
-        mm(a.t(), dy, out=g[2][hs])
-        mm(dy, w_out.t(), out=da)
-        torch.ops.aten.threshold_backward.grad_input(da, a, 0, grad_input=da)
+        # Block by block: its gradients and activations are still in cache when its AdamW runs.
+        dz_j = self.dz[j][:n]
+        for i, block in enumerate(plan["blocks"]):
+            a, da = block["a"][:n], block["da"][:n]
+            mm(a.t(), dy, out=block["g_out"])
+            mm(dy, block["w_out"].t(), out=da)
+            torch.ops.aten.threshold_backward.grad_input(da, a, 0, grad_input=da)
+            mm(da.t(), inp, out=block["g_hid"])
+            if self.bottleneck:  # with the weights before this step's update, which comes next
+                if i == 0:
+                    mm(da, block["w_hid"], out=dz_j)
+                else:
+                    dz_j.addmm_(da, block["w_hid"])
+            else:
+                torch.sum(da, 0, out=block["g_b"])
+            adam(block["adam"])
         if self.bottleneck:
-            mm(da.t(), z1, out=g[1][hs])
-            mm(da, w_hid, out=self.dz[j][:n])
+            if not plan["blocks"]:  # fewer hidden units than threads
+                dz_j.zero_()
             wait()
-            adam(plan["adam_early"])
             ds, dz = plan["ds"], plan["dz"][:n]
             dz.copy_(self.dz[0][:n])
             for other in self.dz[1:]:
                 dz += other[:n]
-            mm(xb[:, ds].t(), dz, out=g[0][ds])
-        else:
-            adam(plan["adam_early"])
-            mm(da.t(), xb, out=g[0][hs])
-            torch.sum(da, 0, out=g[1][hs])
+            mm(xb[:, ds].t(), dz, out=self.grads[0][ds])
         adam(plan["adam_late"])

@@ -18,7 +18,8 @@ from tests.test_fit import interrupt_and_resume
 @pytest.mark.parametrize("rank", [6, 0])
 @pytest.mark.parametrize("loss", ["l2", "kl"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_split_step_is_autograd_and_adamw(rank, loss, threads):
+@pytest.mark.parametrize("block", [None, 7])  # one block a thread; blocks of 7 units, the last shorter
+def test_split_step_is_autograd_and_adamw(rank, loss, threads, block):
     threads_before = torch.get_num_threads()
     torch.manual_seed(0)
     c, c_pad = 13, 16
@@ -28,7 +29,7 @@ def test_split_step_is_autograd_and_adamw(rank, loss, threads):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, fused=True)
     loss_fn = _loss_fn(FitConfig(loss=loss, temperature=2.0), 1.5)
     x, z = torch.randn(100, 12), torch.randn(100, c)
-    with SplitStep(model, opt, loss_fn, c, 32, threads, l2=loss == "l2") as step:
+    with SplitStep(model, opt, loss_fn, c, 32, threads, l2=loss == "l2", block=block) as step:
         for i in range(6):
             idx = torch.randint(0, 100, (32 if i < 5 else 7,))  # the last batch is short
             for group in ref_opt.param_groups + opt.param_groups:
