@@ -120,9 +120,9 @@ def _use_split(fit_cfg: FitConfig, device: torch.device, ranks: int, cfg: Studen
     """The split CPU step (compress.split_step) for single-process CPU runs where it pays."""
     import torch
 
-    if fit_cfg.engine == "split" and (cfg.front or cfg.vocab):
-        raise ConfigError("--engine split: only for MLP students of float inputs; use autograd")
-    if fit_cfg.engine == "autograd" or device.type != "cpu" or ranks > 1 or cfg.front or cfg.vocab:
+    if fit_cfg.engine == "split" and cfg.vocab:
+        raise ConfigError("--engine split: only for students of float inputs; use autograd")
+    if fit_cfg.engine == "autograd" or device.type != "cpu" or ranks > 1 or cfg.vocab:
         if fit_cfg.engine == "split":
             raise ConfigError("--engine split: only for single-process CPU training")
         return False
@@ -361,10 +361,12 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     model.train()
     split = None
     if _use_split(fit_cfg, device, ranks, cfg, bs):
+        from compress.conv_step import ConvStep
         from compress.split_step import SplitStep
 
-        split = SplitStep(model, opt, loss_fn, cfg.num_classes, bs, torch.get_num_threads(),
-                          l2=fit_cfg.loss == "l2")
+        # a conv student's batch is split across the cores (compress.conv_step), an MLP's hidden layer
+        split = (ConvStep if cfg.front else SplitStep)(model, opt, loss_fn, cfg.num_classes, bs,
+                                                       torch.get_num_threads(), l2=fit_cfg.loss == "l2")
     with contextlib.ExitStack() as stack:
         if split is not None:
             stack.enter_context(split)

@@ -41,74 +41,39 @@ def _split(n: int, j: int, parts: int) -> slice:
     return slice(n * j // parts, n * (j + 1) // parts)
 
 
-class SplitStep:
-    """Forward, backward and AdamW for one batch of the student, on `threads` CPU threads.
+class ThreadedStep:
+    """What a CPU training step on its own threads shares: the threads and their meetings, and the
+    module <-> step layout of weights and Adam moments. A subclass sets `params`, `m`, `v` (with
+    `_views` lining them up with model.parameters()), `loss`, and `_work(j, x, z, idx, step, lr, betas,
+    eps, weight_decay)`, thread j's share of a step; then calls `_start_threads()`."""
 
-    `model` is the (class-padded) student on the CPU in float32, `opt` a `torch.optim.AdamW` over
-    its parameters, `loss_fn(s, z)` the fit loss over the first `num_classes` logits (a mean over rows);
-    `l2=True` uses its closed-form gradient. Use as a context manager, or call `close()`."""
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    threads: int
+    params: list[torch.Tensor]
+    m: list[torch.Tensor]
+    v: list[torch.Tensor]
+    loss: torch.Tensor
+    step_count: int
 
-    def __init__(self, model: nn.Sequential, opt: torch.optim.Optimizer,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_classes: int,
-                 batch_size: int, threads: int, l2: bool = False, block: int | None = None) -> None:
-        self.model, self.opt, self.loss_fn, self.l2 = model, opt, loss_fn, l2
-        self.threads, self.c = max(1, threads), num_classes
-        self.bottleneck = hasattr(model, "bottleneck")
-        hidden, out = model.hidden, model.out
-        self.h, self.cp = hidden.out_features, out.out_features
-        self.d = model.bottleneck.in_features if self.bottleneck else hidden.in_features
-        self.k = hidden.in_features if self.bottleneck else 0
-        b, cp, h = batch_size, self.cp, self.h
-        # hidden units a thread works through at a time: a block's activations, weights and gradients
-        # (4 floats a unit per batch row, input and class) fill about half a core's L2 cache
-        width_in = -(-(self.k + 1) // PAD) * PAD if self.bottleneck else self.d
-        per_unit = 4 * (2 * b + 2 * (width_in + cp))
-        self.block = block or max(16, BLOCK_BYTES // per_unit // 16 * 16)
-        f32 = dict(dtype=torch.float32)
-        if self.bottleneck:  # w1 (kp, D): rows k.. zero; w2 (H, kp): column k is the bias, k+1.. zero
-            self.kp = -(-(self.k + 1) // PAD) * PAD
-            shapes = [(self.d, self.kp), (h, self.kp), (h, cp), (cp,)]
-        else:  # w2 (H, D) and b2 (H,)
-            self.kp = 0
-            shapes = [(h, self.d), (h,), (h, cp), (cp,)]
-        self.params = [torch.zeros(s, **f32) for s in shapes]
-        # Gradients held whole only for what is updated after the blocks (the bottleneck, the output
-        # bias); the hidden layer's live one block at a time in each thread's scratch.
-        self.grads = [torch.zeros(s, **f32) if i == 3 or (i == 0 and self.bottleneck) else torch.empty(0)
-                      for i, s in enumerate(shapes)]
-        self.m = [torch.zeros(s, **f32) for s in shapes]
-        self.v = [torch.zeros(s, **f32) for s in shapes]
-        self.step_count = 0
-        self._from_model()
+    def _views(self, ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return ts
 
+    def _work(self, j: int, *job: Any) -> None:
+        raise NotImplementedError
+
+    def _start_threads(self) -> None:
         nt = self.threads
-        self.xb, self.tb = torch.empty(b, self.d, **f32), torch.empty(b, num_classes, **f32)
-        self.z1 = torch.zeros(b, self.kp, **f32)
-        self.dy = torch.zeros(b, cp, **f32)  # padded classes keep a zero gradient
-        self.y = [torch.empty(b, cp, **f32) for _ in range(nt)]
-        self.dz = [torch.empty(b, self.kp, **f32) for _ in range(nt)]
-        self.loss = torch.zeros((), **f32)
         self._job: tuple[Any, ...] | None = None
         self._error: BaseException | None = None
         self._barrier = threading.Barrier(nt)
         self._settled = True
         self._saved_threads = torch.get_num_threads()
-        self._plans = [self._plan(j) for j in range(nt)]
         torch.set_num_threads(1)
         self._workers = [threading.Thread(target=self._serve, args=(j,), daemon=True,
                                           name=f"compress-step-{j}") for j in range(1, nt)]
         for w in self._workers:
             w.start()
-
-    # ---- layout: the module's parameters <-> this step's tensors -------------------------------------
-
-    def _views(self, ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Views of `ts` (in this step's layout) that line up with model.parameters()."""
-        if self.bottleneck:
-            w1, w2, w3, b3 = ts
-            return [w1[:, : self.k].t(), w2[:, : self.k], w2[:, self.k], w3.t(), b3]
-        w2, b2, w3, b3 = ts
-        return [w2, b2, w3.t(), b3]
 
     @torch.no_grad()
     def _from_model(self) -> None:
@@ -140,44 +105,6 @@ class SplitStep:
                 # saves them in the checkpoint and clears the optimizer's state right after
                 self.opt.state[p] = {"step": torch.tensor(float(self.step_count)),
                                      "exp_avg": mv, "exp_avg_sq": vv}
-
-    # ---- the threads ---------------------------------------------------------------------------------
-
-    def _plan(self, j: int) -> dict[str, Any]:
-        """Thread j's hidden units in blocks (each with its activations and views of its weights and
-        Adam moments), its slice of the bottleneck rows, and the scratch one block's gradients use."""
-        nt, b, kp, cp = self.threads, self.xb.shape[0], self.kp, self.cp
-        hs = _split(self.h, j, nt)
-        width_in = kp if self.bottleneck else self.d  # what a hidden unit reads: z1, or x itself
-        plan: dict[str, Any] = {"step": torch.zeros(()), "blocks": [],
-                                "da": torch.empty(b * self.block),
-                                "g_hid": torch.empty(self.block, width_in),
-                                "g_out": torch.empty(self.block, cp)}
-        hid = 1 if self.bottleneck else 0
-        for start in range(hs.start, hs.stop, self.block):
-            s = slice(start, min(start + self.block, hs.stop))
-            rows = s.stop - s.start
-            g_hid, g_out = plan["g_hid"][:rows], plan["g_out"][:rows]
-            block = {"a": torch.empty(b, rows), "da": plan["da"][: b * rows].view(b, rows),
-                     "w_hid": self.params[hid][s], "w_out": self.params[2][s],
-                     "g_hid": g_hid, "g_out": g_out}
-            owned = [(hid, g_hid), (2, g_out)]
-            if not self.bottleneck:
-                block["b_hid"], block["g_b"] = self.params[1][s], torch.empty(rows)
-                owned.append((1, block["g_b"]))
-            ps, ms, vs = ([t[i][s] for i, _ in owned] for t in (self.params, self.m, self.v))
-            block["adam"] = (ps, [g for _, g in owned], ms, vs)
-            plan["blocks"].append(block)
-        late = []  # updated after the blocks: the bottleneck's input rows, whose gradient needs every
-        if self.bottleneck:  # thread's blocks, and the output bias (thread 0)
-            ds = _split(self.d, j, nt)
-            plan["ds"], plan["dz"] = ds, torch.empty(b, kp)
-            late.append((0, ds))
-        if j == 0:
-            late.append((3, slice(None)))
-        plan["adam_late"] = tuple([t[i][s] for i, s in late]
-                                  for t in (self.params, self.grads, self.m, self.v))
-        return plan
 
     # A step starts when every thread has reached the barrier: the caller with a new job, the others
     # done with the last one; so a step's end needs no barrier of its own, only `sync()` before
@@ -265,11 +192,110 @@ class SplitStep:
         finally:
             torch.set_num_threads(1)
 
-    def __enter__(self) -> SplitStep:
+    def __enter__(self) -> ThreadedStep:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SplitStep(ThreadedStep):
+    """Forward, backward and AdamW for one batch of the student, on `threads` CPU threads.
+
+    `model` is the (class-padded) student on the CPU in float32, `opt` a `torch.optim.AdamW` over
+    its parameters, `loss_fn(s, z)` the fit loss over the first `num_classes` logits (a mean over rows);
+    `l2=True` uses its closed-form gradient. Use as a context manager, or call `close()`."""
+
+    def __init__(self, model: nn.Sequential, opt: torch.optim.Optimizer,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_classes: int,
+                 batch_size: int, threads: int, l2: bool = False, block: int | None = None) -> None:
+        self.model, self.opt, self.loss_fn, self.l2 = model, opt, loss_fn, l2
+        self.threads, self.c = max(1, threads), num_classes
+        self.bottleneck = hasattr(model, "bottleneck")
+        hidden, out = model.hidden, model.out
+        self.h, self.cp = hidden.out_features, out.out_features
+        self.d = model.bottleneck.in_features if self.bottleneck else hidden.in_features
+        self.k = hidden.in_features if self.bottleneck else 0
+        b, cp, h = batch_size, self.cp, self.h
+        # hidden units a thread works through at a time: a block's activations, weights and gradients
+        # (4 floats a unit per batch row, input and class) fill about half a core's L2 cache
+        width_in = -(-(self.k + 1) // PAD) * PAD if self.bottleneck else self.d
+        per_unit = 4 * (2 * b + 2 * (width_in + cp))
+        self.block = block or max(16, BLOCK_BYTES // per_unit // 16 * 16)
+        f32 = dict(dtype=torch.float32)
+        if self.bottleneck:  # w1 (kp, D): rows k.. zero; w2 (H, kp): column k is the bias, k+1.. zero
+            self.kp = -(-(self.k + 1) // PAD) * PAD
+            shapes = [(self.d, self.kp), (h, self.kp), (h, cp), (cp,)]
+        else:  # w2 (H, D) and b2 (H,)
+            self.kp = 0
+            shapes = [(h, self.d), (h,), (h, cp), (cp,)]
+        self.params = [torch.zeros(s, **f32) for s in shapes]
+        # Gradients held whole only for what is updated after the blocks (the bottleneck, the output
+        # bias); the hidden layer's live one block at a time in each thread's scratch.
+        self.grads = [torch.zeros(s, **f32) if i == 3 or (i == 0 and self.bottleneck) else torch.empty(0)
+                      for i, s in enumerate(shapes)]
+        self.m = [torch.zeros(s, **f32) for s in shapes]
+        self.v = [torch.zeros(s, **f32) for s in shapes]
+        self.step_count = 0
+        self._from_model()
+
+        nt = self.threads
+        self.xb, self.tb = torch.empty(b, self.d, **f32), torch.empty(b, num_classes, **f32)
+        self.z1 = torch.zeros(b, self.kp, **f32)
+        self.dy = torch.zeros(b, cp, **f32)  # padded classes keep a zero gradient
+        self.y = [torch.empty(b, cp, **f32) for _ in range(nt)]
+        self.dz = [torch.empty(b, self.kp, **f32) for _ in range(nt)]
+        self.loss = torch.zeros((), **f32)
+        self._plans = [self._plan(j) for j in range(nt)]
+        self._start_threads()
+
+    # ---- layout: the module's parameters <-> this step's tensors -------------------------------------
+
+    def _views(self, ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of `ts` (in this step's layout) that line up with model.parameters()."""
+        if self.bottleneck:
+            w1, w2, w3, b3 = ts
+            return [w1[:, : self.k].t(), w2[:, : self.k], w2[:, self.k], w3.t(), b3]
+        w2, b2, w3, b3 = ts
+        return [w2, b2, w3.t(), b3]
+
+    # ---- the threads ---------------------------------------------------------------------------------
+
+    def _plan(self, j: int) -> dict[str, Any]:
+        """Thread j's hidden units in blocks (each with its activations and views of its weights and
+        Adam moments), its slice of the bottleneck rows, and the scratch one block's gradients use."""
+        nt, b, kp, cp = self.threads, self.xb.shape[0], self.kp, self.cp
+        hs = _split(self.h, j, nt)
+        width_in = kp if self.bottleneck else self.d  # what a hidden unit reads: z1, or x itself
+        plan: dict[str, Any] = {"step": torch.zeros(()), "blocks": [],
+                                "da": torch.empty(b * self.block),
+                                "g_hid": torch.empty(self.block, width_in),
+                                "g_out": torch.empty(self.block, cp)}
+        hid = 1 if self.bottleneck else 0
+        for start in range(hs.start, hs.stop, self.block):
+            s = slice(start, min(start + self.block, hs.stop))
+            rows = s.stop - s.start
+            g_hid, g_out = plan["g_hid"][:rows], plan["g_out"][:rows]
+            block = {"a": torch.empty(b, rows), "da": plan["da"][: b * rows].view(b, rows),
+                     "w_hid": self.params[hid][s], "w_out": self.params[2][s],
+                     "g_hid": g_hid, "g_out": g_out}
+            owned = [(hid, g_hid), (2, g_out)]
+            if not self.bottleneck:
+                block["b_hid"], block["g_b"] = self.params[1][s], torch.empty(rows)
+                owned.append((1, block["g_b"]))
+            ps, ms, vs = ([t[i][s] for i, _ in owned] for t in (self.params, self.m, self.v))
+            block["adam"] = (ps, [g for _, g in owned], ms, vs)
+            plan["blocks"].append(block)
+        late = []  # updated after the blocks: the bottleneck's input rows, whose gradient needs every
+        if self.bottleneck:  # thread's blocks, and the output bias (thread 0)
+            ds = _split(self.d, j, nt)
+            plan["ds"], plan["dz"] = ds, torch.empty(b, kp)
+            late.append((0, ds))
+        if j == 0:
+            late.append((3, slice(None)))
+        plan["adam_late"] = tuple([t[i][s] for i, s in late]
+                                  for t in (self.params, self.grads, self.m, self.v))
+        return plan
 
     # ---- one thread's share of a step ----------------------------------------------------------------
 
