@@ -72,12 +72,11 @@ def pool_axis_backward(g: torch.Tensor, saved: tuple[Any, ...], new: Alloc | Non
     window = len(beats) + 1
     n = shape[axis] // window
     gv = gx.narrow(axis, 0, n * window).unflatten(axis, (n, window))
-    rest = new("g_rest", tuple(g.shape))
+    rest = new("g_rest", tuple(g.shape)) if window > 2 else None
     for j in range(window - 1, 0, -1):
         slot = gv.select(axis + 1, j)
         op(_threshold_backward, g, beats[j - 1], 0, grad_input=slot)  # g where y_j won, else 0
-        g = op(torch.sub, g, slot, out=rest)
-    op(torch.Tensor.copy_, gv.select(axis + 1, 0), g)
+        g = op(torch.sub, g, slot, out=gv.select(axis + 1, 0) if j == 1 else rest)  # what is left
     if n * window < shape[axis]:  # the dropped remainder gets no gradient
         op(torch.Tensor.zero_, gx.narrow(axis, n * window, shape[axis] - n * window))
     return gx

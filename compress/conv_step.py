@@ -118,15 +118,29 @@ class ConvStep(ThreadedStep):
                                               alloc((slot, axis)), op=rec)
                     tape.append(("pool", (slot, axis), saved))
             elif isinstance(layer, conv.ChannelsFirstFlatten):
-                tape.append(("flatten", slot, tuple(h.shape)))
-                flat = new("out", (rows, h[0].numel()))
-                rec(torch.Tensor.copy_, flat.view(rows, h.shape[-1], *h.shape[1:-1]), h.movedim(-1, 1))
-                h = flat
+                # The next layer's weights follow the channels-first order: reorder the activations
+                # to it, or (when the weights are smaller: fewer outputs than rows) those weights to
+                # the channels-last order of the activations, which then flatten as they lie.
+                following = self._layers[slot + 1]
+                reorder = following.out_features < rows
+                tape.append(("flatten", slot, tuple(h.shape), reorder))
+                if reorder:
+                    spatial = tuple(h.shape[1:-1])
+                    h = h.reshape(rows, -1)
+                else:
+                    flat = new("out", (rows, h[0].numel()))
+                    rec(torch.Tensor.copy_, flat.view(rows, h.shape[-1], *h.shape[1:-1]), h.movedim(-1, 1))
+                    h = flat
             elif isinstance(layer, nn.Linear):
-                tape.append(("linear", slot, layer, h))
+                weight = layer.weight
+                if tape[-1][0] == "flatten" and tape[-1][3]:  # channels-last order (see flatten)
+                    weight = new("weight", tuple(weight.shape))
+                    rec(torch.Tensor.copy_, _channels_last_order(weight, spatial),
+                        _channels_last_order(layer.weight, spatial, first=True))
+                tape.append(("linear", slot, layer, h, weight))
                 out = new("out", (rows, layer.out_features))
-                h = (rec(torch.mm, h, layer.weight.t(), out=out) if layer.bias is None
-                     else rec(torch.addmm, layer.bias, h, layer.weight.t(), out=out))
+                h = (rec(torch.mm, h, weight.t(), out=out) if layer.bias is None
+                     else rec(torch.addmm, layer.bias, h, weight.t(), out=out))
             elif isinstance(layer, nn.ReLU):
                 h = rec(torch.relu_, h)
                 tape.append(("relu", slot, h))
@@ -160,19 +174,28 @@ class ConvStep(ThreadedStep):
             last = i == len(tape) - 1  # the first layer: its input is the data, which needs no gradient
             new = alloc(("grad", slot))
             if kind == "linear":
-                layer, h = rest
-                rec(torch.mm, g.t(), h, out=grads[self._index[id(layer.weight)]])
+                layer, h, weight = rest
+                gw = grads[self._index[id(layer.weight)]]
+                if weight is not layer.weight:  # in channels-last order: back to the module's
+                    rec(torch.mm, g.t(), h, out=new("gw", tuple(gw.shape)))
+                    rec(torch.Tensor.copy_, _channels_last_order(gw, spatial, first=True),
+                        _channels_last_order(new("gw", tuple(gw.shape)), spatial))
+                else:
+                    rec(torch.mm, g.t(), h, out=gw)
                 if layer.bias is not None:
                     rec(torch.sum, g, 0, out=grads[self._index[id(layer.bias)]])
                 if not last:
-                    g = rec(torch.mm, g, layer.weight, out=new("g", (rows, layer.in_features)))
+                    g = rec(torch.mm, g, weight, out=new("g", (rows, layer.in_features)))
             elif kind == "relu":  # g is a buffer of this program's own: in place
                 g = rec(_threshold_backward, g, rest[0], 0, grad_input=g)
             elif kind == "flatten":
-                (shape,) = rest
-                gc = new("g", shape)
-                rec(torch.Tensor.copy_, gc.movedim(-1, 1), g.view(rows, shape[-1], *shape[1:-1]))
-                g = gc
+                shape, reorder = rest
+                if reorder:
+                    g = g.view(shape)
+                else:
+                    gc = new("g", shape)
+                    rec(torch.Tensor.copy_, gc.movedim(-1, 1), g.view(rows, shape[-1], *shape[1:-1]))
+                    g = gc
             elif kind == "pool":
                 g = conv.pool_axis_backward(g, rest[0], new, op=rec)
             else:  # conv
@@ -230,6 +253,13 @@ class ConvStep(ThreadedStep):
 
 
 _threshold_backward = torch.ops.aten.threshold_backward.grad_input
+
+
+def _channels_last_order(w: torch.Tensor, spatial: tuple[int, ...], first: bool = False) -> torch.Tensor:
+    """w (out, S*C), whose columns run over positions then channels (or, `first`, (out, C*S) over
+    channels then positions, as the module holds it), as an (out, C, *S) view."""
+    c = w.shape[1] // math.prod(spatial)
+    return w.view(w.shape[0], c, *spatial) if first else w.view(w.shape[0], *spatial, c).movedim(-1, 1)
 
 
 class _Ops:

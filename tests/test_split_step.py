@@ -142,9 +142,10 @@ def test_fit_with_the_split_step_learns_like_autograd():
     np.testing.assert_allclose(s, a, rtol=1e-3, atol=1e-3)
 
 
-def test_split_fit_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("front", [(), (("c", 3, 3), ("p", 2, 0))])  # SplitStep; ConvStep
+def test_split_fit_resumes_to_the_same_weights(tmp_path, front):
     x, z = data(600)
-    cfg, fc = StudentConfig((20,), 7, 64, 6), FitConfig(epochs=4, engine="split")
+    cfg, fc = StudentConfig((20,), 7, 64, 6, front), FitConfig(epochs=4, engine="split")
     full = fit(x[:500], z[:500], x[500:], z[500:], cfg, fc)
 
     ck = str(tmp_path / "checkpoint.pt")
