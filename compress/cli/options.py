@@ -127,8 +127,9 @@ def fit_options(f: Any) -> Any:
         click.option("--seed", type=SEED, default=d.seed, show_default=True,
                      help="Seed for initialization, shuffling and the held-out split."),
         click.option("--engine", type=click.Choice(["auto", "split", "autograd"]), default=d.engine,
-                     show_default=True, help="The training step: split (the CPU step of its own, "
-                     "hidden units split across cores), autograd, or auto (split on a CPU where it pays)."),
+                     show_default=True, help="The training step: split (the CPU step of its own: an MLP "
+                     "student's hidden units, or a conv student's batch, split across cores), autograd, or "
+                     "auto (split on a CPU where it pays)."),
     ]
     for o in reversed(opts):
         f = o(f)
