@@ -114,9 +114,15 @@ class ConvStep(ThreadedStep):
                         tape.append(("relu", slot, h))
                     continue
                 for axis in range(h.dim() - 2, 0, -1):  # as MaxPool.forward: the last axis first
+                    # the backward may write the input's gradient over the input itself where nothing
+                    # reads the input after the forward: a convolution's output whose ReLU comes after
+                    # the pooling, or this pooling's previous axis (no ReLU there)
+                    spent = (tape[-1][0] == "pool" and tape[-1][1][0] == slot) or (
+                        tape[-1][0] == "conv" and tape[-1][4] is None)
+                    x_in = h
                     h, saved = conv.pool_axis(h, axis, layer.window, layer.relu and axis == 1,
                                               alloc((slot, axis)), op=rec)
-                    tape.append(("pool", (slot, axis), saved))
+                    tape.append(("pool", (slot, axis), saved, x_in if spent else None))
             elif isinstance(layer, conv.ChannelsFirstFlatten):
                 # The next layer's weights follow the channels-first order: reorder the activations
                 # to it, or (when the weights are smaller: fewer outputs than rows) those weights to
@@ -197,7 +203,18 @@ class ConvStep(ThreadedStep):
                     rec(torch.Tensor.copy_, gc.movedim(-1, 1), g.view(rows, shape[-1], *shape[1:-1]))
                     g = gc
             elif kind == "pool":
-                g = conv.pool_axis_backward(g, rest[0], new, op=rec)
+                saved, spent = rest
+                g_in = g  # a buffer of this program's own: the ReLU's mask is applied in place
+
+                def reuse(name: str, shape: tuple[int, ...], new: conv.Alloc = new, g_in: torch.Tensor = g_in,
+                          spent: torch.Tensor | None = spent) -> torch.Tensor:
+                    if name == "g_relu":
+                        return g_in
+                    if name == "gx" and spent is not None:
+                        return spent
+                    return new(name, shape)
+
+                g = conv.pool_axis_backward(g, saved, reuse, op=rec)
             else:  # conv
                 layer, h, y, cols = rest
                 if y is not None:
