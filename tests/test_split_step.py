@@ -15,25 +15,20 @@ from compress.student import StudentConfig, build_student
 from tests.test_fit import interrupt_and_resume
 
 
-@pytest.mark.parametrize("rank", [6, 0])
-@pytest.mark.parametrize("loss", ["l2", "kl"])
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("block", [None, 7])  # one block a thread; blocks of 7 units, the last shorter
-def test_split_step_is_autograd_and_adamw(rank, loss, threads, block):
+def check_against_autograd(make_step, reference, loss, x, z, c, batches):
+    """A step made by `make_step(model, opt, loss_fn)` on a copy of `reference` against autograd +
+    AdamW on `reference`: the same loss at every step (batches of the given sizes, a schedule changing
+    the rate through the optimizer), then the same weights and Adam moments."""
     threads_before = torch.get_num_threads()
-    torch.manual_seed(0)
-    c, c_pad = 13, 16
-    reference = build_student(StudentConfig((12,), c_pad, 40, rank))
     model = copy.deepcopy(reference)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.01, fused=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, fused=True)
     loss_fn = _loss_fn(FitConfig(loss=loss, temperature=2.0), 1.5)
-    x, z = torch.randn(100, 12), torch.randn(100, c)
-    with SplitStep(model, opt, loss_fn, c, 32, threads, l2=loss == "l2", block=block) as step:
-        for i in range(6):
-            idx = torch.randint(0, 100, (32 if i < 5 else 7,))  # the last batch is short
+    with make_step(model, opt, loss_fn) as step:
+        for i, size in enumerate(batches):
+            idx = torch.randint(0, len(x), (size,))
             for group in ref_opt.param_groups + opt.param_groups:
-                group["lr"] = 1e-2 / (i + 1)  # a schedule reaches the split step through the optimizer
+                group["lr"] = 1e-2 / (i + 1)  # a schedule reaches the step through the optimizer
             want = loss_fn(reference(x[idx])[:, :c], z[idx])
             ref_opt.zero_grad()
             want.backward()
@@ -45,8 +40,21 @@ def test_split_step_is_autograd_and_adamw(rank, loss, threads, block):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt.state[q][key], ref_opt.state[p][key], rtol=1e-3, atol=1e-8)
-        assert float(opt.state[q]["step"]) == 6
+        assert float(opt.state[q]["step"]) == len(batches)
     assert torch.get_num_threads() == threads_before
+
+
+@pytest.mark.parametrize("rank", [6, 0])
+@pytest.mark.parametrize("loss", ["l2", "kl"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("block", [None, 7])  # one block a thread; blocks of 7 units, the last shorter
+def test_split_step_is_autograd_and_adamw(rank, loss, threads, block):
+    torch.manual_seed(0)
+    c, c_pad = 13, 16
+    reference = build_student(StudentConfig((12,), c_pad, 40, rank))
+    x, z = torch.randn(100, 12), torch.randn(100, c)
+    check_against_autograd(lambda m, o, f: SplitStep(m, o, f, c, 32, threads, l2=loss == "l2", block=block),
+                           reference, loss, x, z, c, [32] * 5 + [7])  # the last batch is short
 
 
 def test_split_step_resumes_from_optimizer_state():
