@@ -117,8 +117,9 @@ class ConvStep(ThreadedStep):
                     # the backward may write the input's gradient over the input itself where nothing
                     # reads the input after the forward: a convolution's output whose ReLU comes after
                     # the pooling, or this pooling's previous axis (no ReLU there)
-                    spent = (tape[-1][0] == "pool" and tape[-1][1][0] == slot) or (
-                        tape[-1][0] == "conv" and tape[-1][4] is None)
+                    before = tape[-1] if tape else ("data",)  # a pooling may come first
+                    spent = (before[0] == "pool" and before[1][0] == slot) or (
+                        before[0] == "conv" and before[4] is None)
                     x_in = h
                     h, saved = conv.pool_axis(h, axis, layer.window, layer.relu and axis == 1,
                                               alloc((slot, axis)), op=rec)

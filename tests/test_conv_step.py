@@ -15,6 +15,7 @@ CASES = [  # (sample shape, spec): 1-D flat, (C, L), 2-D; pools of 1, 2 and 3 wi
     ((3, 7, 9), "4c3-p2-3c1-p1-12"),
     ((13,), "2c3-p1-4c3-p2-5L-9"),
     ((2, 19), "3c3-p2-p2-6L-8"),  # pooling after pooling: the first one's ReLU mask outlives the second
+    ((20,), "p2-4c3-8L-10"),  # pooling first: the data itself
 ]
 
 
