@@ -44,7 +44,7 @@ class ConvStep(ThreadedStep):
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_classes: int,
                  batch_size: int, threads: int, l2: bool = False) -> None:
         if not supported(model):
-            raise ValueError("ConvStep: a student of float inputs with a hidden layer is needed")
+            raise ValueError("ConvStep: a student of float inputs with a convolutional front is needed")
         self.model, self.opt, self.loss_fn, self.l2 = model, opt, loss_fn, l2
         self.threads, self.c = max(1, threads), num_classes
         self.params = [p.detach() for p in model.parameters()]  # updated in place: the module's own

@@ -7,18 +7,14 @@ training it also says how to continue.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
 from compress import jsonio
-from compress.atomic import STORAGE_ERRNOS
+from compress.cli.failures import OneLineErrors, labelled_hint, newer, on_interrupt, resume_hint
 from compress.cli.options import (
     EPOCHS,
     SECONDS,
@@ -38,52 +34,7 @@ from compress.cli.options import (
     teacher_options,
 )
 from compress.cli.render import ProgressView, console
-from compress.errors import CompressError
 from compress.memory import keep_freed_memory
-
-
-class OneLineErrors(click.Group):
-    """Errors as one line on stderr: `Error: ...`, exit status 2, no traceback, no usage dump."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        kwargs["standalone_mode"] = False
-        _terminate_like_ctrl_c()
-        try:
-            rv = super().main(*args, **kwargs)
-        except click.exceptions.Exit as e:
-            sys.exit(e.exit_code)
-        except click.exceptions.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(130)
-        except click.UsageError as e:
-            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-            click.echo(f"Error: {e.format_message()}{hint}", err=True)
-            sys.exit(2)
-        except click.ClickException as e:
-            click.echo(f"Error: {e.format_message()}", err=True)
-            sys.exit(2)
-        except CompressError as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(2)
-        except OSError as e:  # a write the library did not name: still the user's disk, not our bug
-            if e.errno not in STORAGE_ERRNOS:
-                raise
-            click.echo(f"Error: {e.filename or 'writing'}: {e.strerror}", err=True)
-            sys.exit(2)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-def _terminate_like_ctrl_c() -> None:
-    """SIGTERM (`kill`, a job scheduler's stop) unwinds like Ctrl-C: locks and temporary files are
-    removed and the same one-line hint is printed, instead of dying where it stands."""
-    import signal
-    import threading
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,49 +42,6 @@ def _terminate_like_ctrl_c() -> None:
 def cli() -> None:
     """Distill a trained classifier into a wide, shallow student and ship it as ONNX (SNN-MIMIC)."""
     keep_freed_memory()  # no page faults for each training step's activations (compress.memory)
-
-
-@contextlib.contextmanager
-def on_interrupt(hint: Callable[[float], str | None]) -> Iterator[None]:
-    """Ctrl-C: `hint(start time)` (how to continue what this run saved) as one line, exit status 130;
-    with no hint, click's "Aborted."."""
-    started = time.time()
-    try:
-        yield
-    except KeyboardInterrupt:
-        line = hint(started) if is_main_rank() else None
-        if not line:
-            raise
-        click.echo(f"\nInterrupted: {line}", err=True)
-        raise click.exceptions.Exit(130) from None
-
-
-def _newer(path: Path, started: float) -> bool:
-    try:
-        return path.stat().st_mtime >= started
-    except OSError:
-        return False
-
-
-def labelled_hint(cache: Path, started: float) -> str | None:
-    """Ctrl-C while labelling into `cache`: how many rows this run has kept for the next one."""
-    from compress.targets import labelled_so_far
-
-    so_far = labelled_so_far(cache, started)
-    return so_far and f"{so_far[0]:,} of {so_far[1]:,} rows are labelled; the same command continues"
-
-
-def resume_hint(out_dir: Path, cache: Path | None = None) -> contextlib.AbstractContextManager[None]:
-    """Ctrl-C after this run saved a checkpoint: say that --resume continues from it; before that,
-    while labelling into `cache`, how many rows are labelled (the next run starts from them)."""
-    ck = out_dir / "checkpoint.pt"
-
-    def hint(started: float) -> str | None:
-        if _newer(ck, started):
-            return f"the same command with --resume continues from {ck}"
-        return labelled_hint(cache, started) if cache is not None else None
-
-    return on_interrupt(hint)
 
 
 def say_notes(report: dict[str, Any]) -> None:
@@ -314,11 +222,11 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
 
     def hint(started: float) -> str | None:
         # A student's report may be on disk before its progress event arrives: count both ways
-        finished = sum(_newer(p, started) for p in [*out_dir.glob("w*_k*/report.json"),
+        finished = sum(newer(p, started) for p in [*out_dir.glob("w*_k*/report.json"),
                                                      *out_dir.glob("labels_*.json"),
                                                      *out_dir.glob("s_*/report.json")])
         n = max(done["done"], finished)
-        if n or any(_newer(ck, started) for ck in out_dir.glob("w*_k*/checkpoint.pt")):
+        if n or any(newer(ck, started) for ck in out_dir.glob("w*_k*/checkpoint.pt")):
             return (f"{n} of {done['total']} students are finished; the same command with "
                     "--resume keeps them and continues")
         return labelled_hint(out_dir / "targets.npy", started)
