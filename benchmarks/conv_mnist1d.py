@@ -30,7 +30,8 @@ from benchmarks.bench_exports import machine  # noqa: E402
 from benchmarks.train_throughput import matmul_peak  # noqa: E402
 from compress.demo import mnist1d, teacher_path  # noqa: E402
 from compress.fit import FitConfig  # noqa: E402
-from compress.pipeline import DistillOptions, distill, student_config  # noqa: E402
+from compress.pipeline import DistillOptions, distill  # noqa: E402
+from compress.plan import student_config  # noqa: E402
 from compress.student import flops_per_sample  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

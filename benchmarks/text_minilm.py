@@ -159,7 +159,8 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
 
     from compress.fit import FitConfig, fit
-    from compress.pipeline import DistillOptions, distill, student_config
+    from compress.pipeline import DistillOptions, distill
+    from compress.plan import student_config
     from compress.tokens import vocab_size
 
     work = Path(tempfile.mkdtemp(prefix="text-minilm-"))

@@ -25,9 +25,8 @@ from compress.pipeline import (
     distill,
     holdout_split,
     out_writes,
-    student_config,
-    student_vocab,
 )
+from compress.plan import student_config, student_vocab
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -134,7 +133,8 @@ def _check_upfront(teachers: list[str | Path], data: str | Path, todo: list[Stud
     rank wider than it, pooling below 1), or memory, and --train-labels that do not fit the data or
     the teacher's classes."""
     from compress import data as data_mod
-    from compress.pipeline import check_device, check_memory
+    from compress.pipeline import check_device
+    from compress.plan import check_memory
     from compress.teachers import load_teacher
 
     opts.fit.validate()

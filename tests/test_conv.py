@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from compress.cli import cli
-from compress.pipeline import student_config
+from compress.plan import student_config
 from compress.student import StudentConfig, build_student, count_params, parse_spec
 from tests.conftest import export_teacher, train_classifier
 

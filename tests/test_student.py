@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compress.errors import ConfigError
-from compress.pipeline import default_rank, student_config
+from compress.plan import default_rank, student_config
 from compress.student import StudentConfig, build_student, count_params, parse_width
 
 

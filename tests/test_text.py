@@ -236,7 +236,7 @@ def test_hashed_ngrams_in_torch_and_onnx(tmp_path):
     """--ngrams 3: bigrams and trigrams hashed into the buckets join the bag; the ONNX file computes the
     same hashes, on sequences shorter than n too, and unknown ids count with zero rows."""
     from compress.exporters.onnx import export_onnx
-    from compress.pipeline import student_config
+    from compress.plan import student_config
     from compress.student import NGRAM_PRIME, build_student, count_params
     from compress.teachers import Signature
 

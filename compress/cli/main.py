@@ -435,8 +435,9 @@ def demo(out_dir: Path, transfer: int, width: int, as_json: bool) -> None:
     """Distill the built-in MNIST-1D CNN teacher on freshly generated transfer data."""
     from compress.demo import prepare
     from compress.fit import FitConfig
-    from compress.pipeline import DistillOptions, check_memory, student_config
+    from compress.pipeline import DistillOptions
     from compress.pipeline import distill as run
+    from compress.plan import check_memory, student_config
 
     # MNIST-1D: 40 inputs, 10 classes; a width that cannot train is refused before any data is made
     check_memory(student_config((40,), 10, width, 0), FitConfig(), 40 * 4 * transfer)
