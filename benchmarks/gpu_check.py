@@ -6,8 +6,10 @@ Steps, each under its own time limit, each recorded whether it passed, failed or
    against the bf16 matmul peak measured in the same run (benchmarks/train_throughput.py);
 3. labelling with onnxruntime's CUDA execution provider (`compress targets --device cuda`), checked
    against the CPU provider's logits;
-4. `compress bench --provider cuda` on a distilled student.
-Steps 3 and 4 need onnxruntime-gpu; where onnxruntime has no CUDA provider they are recorded as
+4. `compress distill --device cuda` end to end for an MLP and a conv student (bf16 on the GPU), with
+   fp16 and static int8 exports;
+5. `compress bench --provider cuda` on the MLP student of step 4.
+Steps 3 and 5 need onnxruntime-gpu; where onnxruntime has no CUDA provider they are recorded as
 skipped with that reason, not failed.
 
 Writes benchmarks/results/gpu_check.{json,md} with the device's name. Without a CUDA GPU: one line,
@@ -101,16 +103,23 @@ def main() -> None:
                       [py, "benchmarks/train_throughput.py", "--steps-per-epoch", "20", "--epochs", "4",
                        "--repeats", "1"], 0.4 * args.budget_s))
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    if "CUDAExecutionProvider" not in info["ort_providers"]:
-        why = (f"onnxruntime {info['onnxruntime']} here has no CUDAExecutionProvider (providers: "
-               f"{', '.join(info['ort_providers'])}); install onnxruntime-gpu to check it")
-        steps += [{"step": s, "status": f"skipped: {why}", "seconds": 0.0, "output_tail": []}
-                  for s in ("labelling with the CUDA provider", "compress bench --provider cuda")]
-    else:
+    cuda_ep = "CUDAExecutionProvider" in info["ort_providers"]
+    why = (f"onnxruntime {info['onnxruntime']} here has no CUDAExecutionProvider (providers: "
+           f"{', '.join(info['ort_providers'])}); install onnxruntime-gpu to check it")
+    if cuda_ep:
         steps.append(step("labelling with the CUDA provider", [py, "-c", CUDA_LABELLING, str(work)],
                           0.15 * args.budget_s))
+    else:
+        steps.append({"step": "labelling with the CUDA provider", "status": f"skipped: {why}",
+                      "seconds": 0.0, "output_tail": []})
+    steps.append(step("distill on the GPU (an MLP and a conv student, fp16 and static int8)",
+                      [py, "-c", CUDA_DISTILL, str(work)], 0.2 * args.budget_s))
+    if cuda_ep:
         steps.append(step("compress bench --provider cuda", [py, "-c", CUDA_BENCH, str(work)],
                           0.1 * args.budget_s))
+    else:
+        steps.append({"step": "compress bench --provider cuda", "status": f"skipped: {why}",
+                      "seconds": 0.0, "output_tail": []})
     throughput = RESULTS / "train_throughput_cuda.json"
     record = {**info, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": steps,
               "train_throughput": json.loads(throughput.read_text()) if throughput.exists() else None}
@@ -146,18 +155,40 @@ print(f"20,000 rows: CUDA {tg:.2f} s, CPU {tc:.2f} s, max |cuda - cpu| {diff:.2e
 assert diff < 1e-3
 """
 
-# Step 4: a small student distilled on the GPU, then benchmarked on the CUDA provider.
+# Step 4: `compress distill --device cuda` end to end (labelling on whatever provider onnxruntime has),
+# for an MLP student and a conv student (bf16 autograd on the GPU), with a static int8 export.
+CUDA_DISTILL = r"""
+import json, subprocess, sys
+import numpy as np
+from pathlib import Path
+from compress.demo import mnist1d, teacher_path
+work = Path(sys.argv[1])
+if not (work / "x.npy").exists():
+    np.save(work / "x.npy", mnist1d(20_000, seed=7, train_split=1.0)["x"])
+run = [sys.executable, "-m", "compress"]
+for name, student in (("mlp", "4k"), ("conv", "32c5-p-64c5-p-64L-1k")):
+    out = work / name
+    subprocess.run([*run, "distill", str(teacher_path()), "--data", str(work / "x.npy"), "--student", student,
+                    "--epochs", "8", "--batch-size", "256", "--device", "cuda", "--precision", "fp16,int8",
+                    "--quantize", "static", "--min-agreement", "0.95", "--bench-seconds", "0.1",
+                    "--out", str(out)], check=True)
+    r = json.loads((out / "report.json").read_text())
+    t = r["train"]
+    assert t["device"].startswith("cuda"), t["device"]
+    print(name, r["student"]["spec"], r["student"]["params"], "device", t["device"], "engine", t["engine"],
+          "samples/s", round(t["samples_per_second"]), "agreement", round(r["fidelity"]["agreement"], 4),
+          "export diff", r["export"]["max_abs_diff"],
+          [(e["precision"], e["agreement_with_fp32"]) for e in r["exports"]])
+"""
+
+# Step 5: `compress bench` on the CUDA provider, the MLP student of step 4 against the teacher.
 CUDA_BENCH = r"""
 import subprocess, sys
 from pathlib import Path
 from compress.demo import teacher_path
 work = Path(sys.argv[1])
-run = [sys.executable, "-m", "compress"]
-subprocess.run([*run, "distill", str(teacher_path()), "--data", str(work / "x.npy"), "--width", "4k",
-                "--rank", "0", "--epochs", "3", "--device", "cuda", "--bench-seconds", "0.1",
-                "--out", str(work / "run")], check=True)
-subprocess.run([*run, "bench", str(work / "run" / "student.onnx"), str(teacher_path()), "--provider", "cuda",
-                "--batch-sizes", "1,256,4096"], check=True)
+subprocess.run([sys.executable, "-m", "compress", "bench", str(work / "mlp" / "student.onnx"), str(teacher_path()),
+                "--provider", "cuda", "--batch-sizes", "1,256,4096"], check=True)
 """
 
 if __name__ == "__main__":
