@@ -187,8 +187,8 @@ import subprocess, sys
 from pathlib import Path
 from compress.demo import teacher_path
 work = Path(sys.argv[1])
-subprocess.run([sys.executable, "-m", "compress", "bench", str(work / "mlp" / "student.onnx"), str(teacher_path()),
-                "--provider", "cuda", "--batch-sizes", "1,256,4096"], check=True)
+subprocess.run([sys.executable, "-m", "compress", "bench", str(work / "mlp" / "student.onnx"),
+                str(teacher_path()), "--provider", "cuda", "--batch-sizes", "1,256,4096"], check=True)
 """
 
 if __name__ == "__main__":
