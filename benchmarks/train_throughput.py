@@ -15,8 +15,9 @@ Configurations: on CPU, D=1845, k=250, H=8k, C=183, batch 256 (the issue's), the
 rank 0 to show what the bottleneck buys, and the first again with `engine="autograd"` to show what
 the split CPU step (compress/split_step.py) buys. On a GPU (when torch sees one): the paper-size
 student, D=1845, k=250, H=400k, C=183, in bf16, and rank 0 at the same width. On both, the MNIST-1D
-conv students CONV_STUDENTS at batch 256 (on a CPU the default engine, compress/conv_step.py, then
-autograd on the same student; on a GPU autograd in bf16).
+conv students CONV_STUDENTS at batch 256, with the default engine (compress/conv_step.py on a CPU, the
+CUDA-graph step of compress/gpu_step.py on a GPU) and then autograd on the same student; on a GPU also
+the paper-size student at distill's default batch, 128, both ways.
 
     python benchmarks/train_throughput.py [--steps-per-epoch 40] [--epochs 6] [--repeats 5]
 Writes benchmarks/results/train_throughput_<device>.{json,md}. malloc tuned as the CLI tunes it
@@ -153,14 +154,17 @@ def main() -> None:
     runs = [head, measured(rank0, "auto", batch, args, device)]
     if device == "cpu":  # what the split step buys over autograd on the same student
         runs.append(measured(big, "autograd", batch, args, device))
-    conv_pairs = []
+    pairs = []  # (student, the default engine's run, autograd's run)
+    if device == "cuda":  # distill's default batch: the CUDA-graph step against eager autograd
+        runs += [measured(big, "auto", 128, args, device), measured(big, "autograd", 128, args, device)]
+        pairs.append((big.spec + " at batch 128", runs[-2], runs[-1]))
     for spec in CONV_STUDENTS:  # MNIST-1D conv students, convolution FLOPs counted
         front, rank, width = parse_spec(spec)
         cfg = StudentConfig((40,), 10, width, rank, front)
         runs.append(measured(cfg, "auto", 256, args, device))
-        if device == "cpu":  # and what compress.conv_step buys over autograd
-            runs.append(measured(cfg, "autograd", 256, args, device))
-            conv_pairs.append((spec, runs[-2], runs[-1]))
+        # what compress.conv_step (CPU) or the CUDA-graph step (GPU) buys over autograd
+        runs.append(measured(cfg, "autograd", 256, args, device))
+        pairs.append((spec, runs[-2], runs[-1]))
     mfus = [r["mfu"] for r in repeats]
     speedup = runs[0]["samples_per_second"] / runs[1]["samples_per_second"]
     result = {"device": device, "device_name": name, "torch": torch.__version__,
@@ -190,10 +194,11 @@ def main() -> None:
         result["split_speedup_vs_autograd"] = gain
         lines.append(f"The split CPU step trains {gain:.2f}x as many samples/s as autograd on the same "
                      "student.")
-    for spec, split, auto in conv_pairs:
-        gain = split["samples_per_second"] / auto["samples_per_second"]
-        result.setdefault("conv_step_speedup_vs_autograd", {})[spec] = gain
-        lines.append(f"`{spec}`: the {split['engine']} step (compress/conv_step.py) trains {gain:.2f}x "
+    where = "compress/conv_step.py" if device == "cpu" else "compress/gpu_step.py"
+    for spec, default, auto in pairs:
+        gain = default["samples_per_second"] / auto["samples_per_second"]
+        result.setdefault("engine_speedup_vs_autograd", {})[spec] = gain
+        lines.append(f"`{spec}`: the {default['engine']} step ({where}) trains {gain:.2f}x "
                      "as many samples/s as autograd.")
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"train_throughput_{device}"

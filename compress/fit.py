@@ -59,7 +59,9 @@ class FitConfig:
     temperature: float = 4.0  # only for loss="kl"
     device: str = "auto"  # "auto" picks cuda when torch sees a GPU
     seed: int = 0  # initialization and shuffling
-    engine: str = "auto"  # "split" (compress.split_step, CPU), "autograd", or auto: split where it pays
+    # "split" (compress.split_step, CPU), "graph" (compress.gpu_step.GraphStep, one GPU), "autograd",
+    # or auto: split on a CPU and graph on a GPU where they pay
+    engine: str = "auto"
 
     def validate(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -74,8 +76,8 @@ class FitConfig:
             raise ConfigError(f"--loss: must be l2, kl or ce, got {self.loss}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device: must be auto, cpu or cuda, got {self.device}")
-        if self.engine not in ("auto", "split", "autograd"):
-            raise ConfigError(f"--engine: must be auto, split or autograd, got {self.engine}")
+        if self.engine not in ("auto", "split", "graph", "autograd"):
+            raise ConfigError(f"--engine: must be auto, split, graph or autograd, got {self.engine}")
 
 
 @dataclass
@@ -88,7 +90,7 @@ class FitResult:
     device: str
     history: list[dict[str, float]] = field(default_factory=list)
     world_size: int = 1  # processes that trained it (torchrun)
-    engine: str = "autograd"  # what ran the steps: "autograd" or "split" (compress.split_step)
+    engine: str = "autograd"  # what ran the steps: "autograd", "split" or "graph"
     batch_size: int = 0  # samples per step as trained (a GPU's memory may have asked for fewer)
     streamed: bool = False  # the training rows were read in blocks, not held whole
     notes: list[str] = field(default_factory=list)  # what was changed from the request, and why
@@ -131,6 +133,19 @@ def _use_split(fit_cfg: FitConfig, device: torch.device, ranks: int, cfg: Studen
     step_flop = 3 * flops_per_sample(cfg) * batch_size  # forward + backward: 6 x weights a sample
     # torch._fused_adamw_ is the kernel behind AdamW(fused=True); should a torch drop it, autograd runs
     return step_flop >= SPLIT_MIN_FLOP_PER_STEP and hasattr(torch, "_fused_adamw_")
+
+
+def _use_graph(fit_cfg: FitConfig, device: torch.device, ranks: int, cfg: StudentConfig,
+               batch_size: int) -> bool:
+    """One CUDA graph of the whole step (compress.gpu_step.GraphStep) on a single GPU, for a step small
+    enough that launching its kernels from Python is what takes the time."""
+    if fit_cfg.engine == "graph" and (device.type != "cuda" or ranks > 1):
+        raise ConfigError("--engine graph: only for training on one GPU (--device cuda, one process)")
+    if fit_cfg.engine == "graph":
+        return True
+    if fit_cfg.engine != "auto" or device.type != "cuda" or ranks > 1 or cfg.vocab:
+        return False  # token students: their bag's backward is unmeasured under a graph
+    return 3 * flops_per_sample(cfg) * batch_size <= gpu_step.GRAPH_MAX_FLOP_PER_STEP
 
 
 def auto_epochs(n_train: int, batch_size: int, target_steps: int = 4000) -> int:
@@ -309,6 +324,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    graphed = _use_graph(fit_cfg, device, ranks, cfg, bs)
     opt = torch.optim.AdamW(model.parameters(), lr=fit_cfg.lr, weight_decay=fit_cfg.weight_decay,
                             fused=True)  # one kernel over all parameters, on CPU as on GPU
     steps_per_epoch = sum(math.ceil((b - a) / bs) for a, b in bounds)
@@ -367,6 +383,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
         # a conv student's batch is split across the cores (compress.conv_step), an MLP's hidden layer
         split = (ConvStep if cfg.front else SplitStep)(model, opt, loss_fn, cfg.num_classes, bs,
                                                        torch.get_num_threads(), l2=fit_cfg.loss == "l2")
+    graph = gpu_step.GraphStep(model, opt, loss_fn, real, bs, autocast) if graphed else None
     with contextlib.ExitStack() as stack:
         if split is not None:
             stack.enter_context(split)
@@ -383,6 +400,8 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
                     idx = perm[i : i + bs]
                     if split is not None:
                         loss = split.step(xt, zt, idx)
+                    elif graph is not None:
+                        loss = graph.step(xt, zt, idx)
                     else:
                         with autocast:
                             loss = loss_fn(net(xt[idx])[:, real].float(), zt[idx])
@@ -423,7 +442,8 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
             if checkpoint and rank == 0:
                 ckpt.save(checkpoint, {"run": run, "epoch": epoch,
                                        "model": gpu_step.with_rank(model.state_dict(), cfg.rank),
-                                       "opt": gpu_step.opt_with_rank(opt.state_dict(), names, cfg.rank),
+                                       "opt": gpu_step.portable(
+                                           gpu_step.opt_with_rank(opt.state_dict(), names, cfg.rank)),
                                        "sched": sched.state_dict(), "gen": gen.get_state(),
                                        "best_val": best[0], "best_epoch": best[1],
                                        "best_state": gpu_step.with_rank(best[2], cfg.rank),
@@ -439,6 +459,10 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
                           "agreement": agreement})
     if device.type == "cuda":
         torch.cuda.synchronize()
+    engine = "split" if split is not None else "graph" if graph is not None and graph.graph else "autograd"
+    if graph is not None and graph.failed:
+        notes.append(f"the training step could not be captured as a CUDA graph ({graph.failed}): it ran "
+                     "eagerly")
     seconds = earlier_seconds + time.perf_counter() - t0
 
     if best[2] is not None:
@@ -455,5 +479,5 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     _fold(model, mu, sd, z_mean, z_scale)
     return FitResult(model=model, epochs=epochs, best_epoch=best[1], seconds=seconds,
                      samples_per_second=seen * ranks / seconds, device=str(device), history=history,
-                     world_size=ranks, engine="autograd" if split is None else "split", batch_size=bs,
+                     world_size=ranks, engine=engine, batch_size=bs,
                      streamed=len(bounds) > 1, notes=notes, resumed_from_epoch=resumed_from)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 from click.testing import CliRunner
 
 from compress.cli import cli
@@ -142,6 +143,12 @@ def test_targets_then_fit(tmp_path, digits_files, digits):
     assert json.loads(forced.stdout)["train"]["engine"] == "split"
     wrong = CliRunner().invoke(cli, ["fit", "--data", str(f["x"]), "--targets", str(z), "--engine", "fast"])
     assert wrong.exit_code == 2 and "--engine" in wrong.stderr
+    if not torch.cuda.is_available():  # the CUDA-graph step asked for where there is no GPU
+        graph = CliRunner().invoke(cli, ["fit", "--data", str(f["x"]), "--targets", str(z), "--epochs", "1",
+                                         "--engine", "graph", "--out", str(tmp_path / "graph")])
+        assert graph.exit_code == 2 and graph.stderr.count("\n") == 1, graph.output
+        assert "--engine graph: only for training on one GPU" in graph.stderr
+        assert not (tmp_path / "graph" / "student.onnx").exists()
 
 
 def test_ctrl_c_during_fit_says_how_to_resume_and_resume_finishes(tmp_path):

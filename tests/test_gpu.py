@@ -7,7 +7,7 @@ import torch
 from compress.feed import CUDA_RESERVE, Feed, activation_bytes, plan_cuda
 from compress.fit import PAD, FitConfig, fit
 from compress.student import StudentConfig, count_params
-from tests.test_fit import realizable
+from tests.test_fit import interrupt_and_resume, realizable
 
 
 def on_gpu(test):
@@ -22,7 +22,7 @@ def test_a_gpu_student_is_as_good_as_the_cpu_one():
     cfg = StudentConfig((12,), 5, 256, 6)
     got = {dev: fit(x[:2700], z[:2700], x[2700:], z[2700:], cfg, FitConfig(epochs=30, device=dev))
            for dev in ("cpu", "cuda")}
-    assert got["cuda"].device.startswith("cuda") and got["cuda"].engine == "autograd"
+    assert got["cuda"].device.startswith("cuda") and got["cuda"].engine == "graph"  # a small step
     assert got["cuda"].history[-1]["agreement"] >= got["cpu"].history[-1]["agreement"] - 0.03
     with torch.no_grad():  # the returned student is on the CPU, raw inputs in, raw logits out
         s = got["cuda"].model(torch.from_numpy(x[2700:])).numpy()
@@ -69,3 +69,45 @@ def test_rows_that_do_not_fit_on_the_gpu_are_streamed(monkeypatch):
     res = fit(x[:2700], z[:2700], x[2700:], z[2700:], cfg, FitConfig(epochs=30, batch_size=32, device="cuda"))
     assert res.batch_size == 32 and res.streamed and any("streamed in blocks" in n for n in res.notes)
     assert res.history[-1]["agreement"] > 0.88
+
+
+@on_gpu
+@pytest.mark.parametrize("front", [(), (("c", 3, 5), ("p", 2, 0))])
+def test_the_graph_step_trains_as_autograd_does(front):
+    """The CUDA-graph step against the eager one from the same start: 500 rows at batch 32, so each
+    epoch ends with a short batch (20 rows) that runs eagerly between replays."""
+    x, z = realizable(600)
+    cfg = StudentConfig((12,), 5, 256, 6, front)
+    runs = {e: fit(x[:500], z[:500], x[500:], z[500:], cfg, FitConfig(epochs=20, batch_size=32, device="cuda",
+                                                                      engine=e))
+            for e in ("graph", "autograd")}
+    assert runs["graph"].engine == "graph" and runs["autograd"].engine == "autograd"
+    curves = {e: [h["val_loss"] for h in r.history] for e, r in runs.items()}
+    np.testing.assert_allclose(curves["graph"], curves["autograd"], rtol=1e-3)
+    assert curves["graph"][-1] < 0.9 * curves["graph"][0]
+
+
+@on_gpu
+def test_a_graph_run_resumes_on_the_gpu_and_on_the_cpu(tmp_path):
+    import dataclasses
+
+    def stop(info):
+        if info.get("epoch") == 2 and "loss" in info:
+            raise KeyboardInterrupt
+
+    x, z = realizable(600)
+    cfg = StudentConfig((12,), 5, 64, 6, (("c", 3, 3), ("p", 2, 0)))
+    fc = FitConfig(epochs=4, batch_size=32, device="cuda")  # auto: the graph step on the GPU
+    full = fit(x[:500], z[:500], x[500:], z[500:], cfg, fc)
+    assert full.engine == "graph"
+    resumed = interrupt_and_resume(x, z, cfg, fc, str(tmp_path / "gpu.pt"), stop_epoch=2)
+    assert resumed.engine == "graph" and [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(v, resumed.model.state_dict()[k], rtol=1e-4, atol=1e-5)
+    ck = str(tmp_path / "cpu.pt")  # a graph run's checkpoint, finished on the CPU
+    with pytest.raises(KeyboardInterrupt):
+        fit(x[:500], z[:500], x[500:], z[500:], cfg, fc, stop, checkpoint=ck)
+    on_cpu = fit(x[:500], z[:500], x[500:], z[500:], cfg, dataclasses.replace(fc, device="cpu"),
+                 checkpoint=ck, resume=True)
+    assert on_cpu.resumed_from_epoch == 2 and [h["epoch"] for h in on_cpu.history] == [1, 2, 3, 4]
+    assert on_cpu.history[-1]["val_loss"] < on_cpu.history[0]["val_loss"]

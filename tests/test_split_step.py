@@ -173,3 +173,37 @@ def test_auto_picks_the_split_step_only_where_it_pays():
     assert wide.engine == "split"
     with pytest.raises(ConfigError, match="--engine"):
         FitConfig(engine="threads").validate()
+
+
+def test_the_graph_step_is_chosen_for_small_steps_on_one_gpu():
+    from compress.fit import _use_graph
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object; nothing runs on it
+    small = StudentConfig((40,), 10, 2000, 32, (("c", 64, 5), ("p", 2, 0)))
+    paper = StudentConfig((1845,), 183, 400_000, 250)
+    assert _use_graph(FitConfig(), cuda, 1, small, 256)
+    assert not _use_graph(FitConfig(), cuda, 1, paper, 128)  # 133 GFLOP a step: measured slower as a graph
+    assert not _use_graph(FitConfig(), cuda, 2, small, 256)  # DDP keeps its own hooks
+    assert not _use_graph(FitConfig(), cpu, 1, small, 256)
+    assert not _use_graph(FitConfig(engine="autograd"), cuda, 1, small, 256)
+    assert _use_graph(FitConfig(engine="graph"), cuda, 1, paper, 4096)
+    for device, ranks in ((cpu, 1), (cuda, 2)):
+        with pytest.raises(ConfigError, match="--engine graph: only for training on one GPU"):
+            _use_graph(FitConfig(engine="graph"), device, ranks, small, 256)
+
+
+def test_a_checkpoint_holds_the_learning_rate_as_a_number():
+    """GraphStep's optimizer keeps its rate in a tensor on the GPU; the checkpoint must load anywhere."""
+    from compress.gpu_step import portable
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=torch.tensor(0.01), fused=True)
+    w.grad = torch.ones(3)
+    opt.step()
+    state = portable(opt.state_dict())
+    assert type(state["param_groups"][0]["lr"]) is float and state["param_groups"][0]["capturable"] is False
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # the running optimizer is left as it was
+    again = torch.optim.AdamW([w], lr=0.5, fused=True)
+    again.load_state_dict(state)
+    assert again.param_groups[0]["lr"] == pytest.approx(0.01)
+    again.step()

@@ -126,10 +126,11 @@ def fit_options(f: Any) -> Any:
                      show_default=True, help="Where to train; auto uses a GPU when there is one."),
         click.option("--seed", type=SEED, default=d.seed, show_default=True,
                      help="Seed for initialization, shuffling and the held-out split."),
-        click.option("--engine", type=click.Choice(["auto", "split", "autograd"]), default=d.engine,
+        click.option("--engine", type=click.Choice(["auto", "split", "graph", "autograd"]), default=d.engine,
                      show_default=True, help="The training step: split (the CPU step of its own: an MLP "
-                     "student's hidden units, or a conv student's batch, split across cores), autograd, or "
-                     "auto (split on a CPU where it pays)."),
+                     "student's hidden units, or a conv student's batch, split across cores), graph (one "
+                     "GPU: the whole step replayed as a CUDA graph), autograd, or auto (split on a CPU and "
+                     "graph on a GPU where they pay)."),
     ]
     for o in reversed(opts):
         f = o(f)
