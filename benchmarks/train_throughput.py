@@ -17,7 +17,7 @@ the split CPU step (compress/split_step.py) buys. On a GPU (when torch sees one)
 student, D=1845, k=250, H=400k, C=183, in bf16, and rank 0 at the same width. On both, the MNIST-1D
 conv students CONV_STUDENTS at batch 256, with the default engine (compress/conv_step.py on a CPU, the
 CUDA-graph step of compress/gpu_step.py on a GPU) and then autograd on the same student; on a GPU also
-the paper-size student at distill's default batch, 128, both ways.
+the paper-size student at distill's default batch, 128, and the 8k-wide one at 256, both ways.
 
     python benchmarks/train_throughput.py [--steps-per-epoch 40] [--epochs 6] [--repeats 5]
 Writes benchmarks/results/train_throughput_<device>.{json,md}. malloc tuned as the CLI tunes it
@@ -155,9 +155,12 @@ def main() -> None:
     if device == "cpu":  # what the split step buys over autograd on the same student
         runs.append(measured(big, "autograd", batch, args, device))
     pairs = []  # (student, the default engine's run, autograd's run)
-    if device == "cuda":  # distill's default batch: the CUDA-graph step against eager autograd
-        runs += [measured(big, "auto", 128, args, device), measured(big, "autograd", 128, args, device)]
-        pairs.append((big.spec + " at batch 128", runs[-2], runs[-1]))
+    if device == "cuda":  # distill's default batch, and the CPU's 8k student (~6 GFLOP a step, near
+        # compress.gpu_step.GRAPH_MAX_FLOP_PER_STEP): the CUDA-graph step against eager autograd
+        mid = dataclasses.replace(big, width=8000)
+        for cfg, b, engine in ((big, 128, "graph"), (mid, 256, "auto")):
+            runs += [measured(cfg, engine, b, args, device), measured(cfg, "autograd", b, args, device)]
+            pairs.append((f"{cfg.spec} at batch {b}", runs[-2], runs[-1]))
     for spec in CONV_STUDENTS:  # MNIST-1D conv students, convolution FLOPs counted
         front, rank, width = parse_spec(spec)
         cfg = StudentConfig((40,), 10, width, rank, front)
