@@ -103,23 +103,19 @@ def main() -> None:
                       [py, "benchmarks/train_throughput.py", "--steps-per-epoch", "20", "--epochs", "4",
                        "--repeats", "1"], 0.4 * args.budget_s))
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    cuda_ep = "CUDAExecutionProvider" in info["ort_providers"]
-    why = (f"onnxruntime {info['onnxruntime']} here has no CUDAExecutionProvider (providers: "
-           f"{', '.join(info['ort_providers'])}); install onnxruntime-gpu to check it")
-    if cuda_ep:
-        steps.append(step("labelling with the CUDA provider", [py, "-c", CUDA_LABELLING, str(work)],
-                          0.15 * args.budget_s))
-    else:
-        steps.append({"step": "labelling with the CUDA provider", "status": f"skipped: {why}",
-                      "seconds": 0.0, "output_tail": []})
-    steps.append(step("distill on the GPU (an MLP and a conv student, fp16 and static int8)",
-                      [py, "-c", CUDA_DISTILL, str(work)], 0.2 * args.budget_s))
-    if cuda_ep:
-        steps.append(step("compress bench --provider cuda", [py, "-c", CUDA_BENCH, str(work)],
-                          0.1 * args.budget_s))
-    else:
-        steps.append({"step": "compress bench --provider cuda", "status": f"skipped: {why}",
-                      "seconds": 0.0, "output_tail": []})
+    no_cuda_ep = None if "CUDAExecutionProvider" in info["ort_providers"] else (
+        f"onnxruntime {info['onnxruntime']} here has no CUDAExecutionProvider (providers: "
+        f"{', '.join(info['ort_providers'])}); install onnxruntime-gpu to check it")
+    for name, script, share, needs_ep in (
+            ("labelling with the CUDA provider", CUDA_LABELLING, 0.15, True),
+            ("distill on the GPU (an MLP and a conv student, fp16 and static int8)", CUDA_DISTILL, 0.2,
+             False),
+            ("compress bench --provider cuda", CUDA_BENCH, 0.1, True)):
+        if needs_ep and no_cuda_ep:
+            steps.append({"step": name, "status": f"skipped: {no_cuda_ep}", "seconds": 0.0,
+                          "output_tail": []})
+        else:
+            steps.append(step(name, [py, "-c", script, str(work)], share * args.budget_s))
     throughput = RESULTS / "train_throughput_cuda.json"
     record = {**info, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": steps,
               "train_throughput": json.loads(throughput.read_text()) if throughput.exists() else None}
