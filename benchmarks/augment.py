@@ -22,11 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_exports import machine  # noqa: E402
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from compress.demo import mnist1d, teacher_path  # noqa: E402
 from compress.pipeline import DistillOptions, distill  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 SPECS = [None, "munge:5", "munge:20", "noise:5", "noise:20", "mixup:5", "mixup:20"]
 
 
@@ -76,7 +75,6 @@ def main() -> None:
                              "agreement": r["fidelity"]["agreement"], "seconds": time.perf_counter() - t})
                 print(json.dumps(rows[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "augment.json").write_text(json.dumps({"machine": machine(), "runs": rows}, indent=2) + "\n")
     lines = ["# Synthetic transfer data: student test accuracy", "", f"Machine: {machine()}. Width 2,000; "
              "defaults otherwise; one run each (run-to-run spread is about a point on digits).", "",
              "| problem | real training samples | teacher | none | " + " | ".join(SPECS[1:]) + " |",
@@ -86,8 +84,7 @@ def main() -> None:
         cells = [f"{100 * runs[s or 'none']['student_accuracy']:.1f}%" for s in SPECS]
         lines.append(f"| {key[0]} | {key[1]:,} | {100 * runs['none']['teacher_accuracy']:.1f}% | "
                      + " | ".join(cells) + " |")
-    (RESULTS / "augment.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("augment", {"machine": machine(), "runs": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -30,15 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_exports import machine  # noqa: E402
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from benchmarks.train_throughput import matmul_peak  # noqa: E402
 from compress.demo import mnist1d, teacher_path  # noqa: E402
 from compress.evaluate import run_onnx  # noqa: E402
 from compress.fit import FitConfig, fit  # noqa: E402
 from compress.memory import keep_freed_memory  # noqa: E402
 from compress.student import StudentConfig, count_params, format_width, parse_width  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def speed(batch: int, steps: int) -> dict:
@@ -112,9 +110,7 @@ def main() -> None:
     lines += [f"| {r['batch']} | {r['lr']:g} | {r['steps']:,} | {100 * r['test_accuracy']:.1f}% | "
               f"{100 * r['agreement']:.1f}% | {r['best_val_loss']:.4f} | {r['seconds']:.0f} |" for r in accs]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "batch_by_width.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "batch_by_width.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("batch_by_width", result, lines)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,16 @@ accuracy on the standard 1,000 test samples. Writes benchmarks/results/exports.{
 
 from __future__ import annotations
 
-import json
-import os
-import platform
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from compress.bench import bench
 from compress.demo import mnist1d, prepare
 from compress.exporters.quantize import export_precision
@@ -25,20 +26,6 @@ from compress.fit import FitConfig
 from compress.pipeline import DistillOptions, distill
 from compress.student import load_student
 from compress.teachers import Signature
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, onnxruntime {ort.__version__}"
 
 
 def main() -> None:
@@ -79,7 +66,6 @@ def main() -> None:
               "student": {"width": cfg.width, "rank": cfg.rank, "params": report["student"]["params"]},
               "variants": out}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "exports.json").write_text(json.dumps(result, indent=2) + "\n")
     fp32 = out[0]["size_bytes"]
     lines = [f"# Exports of one student (width {cfg.width:,}, rank {cfg.rank}), MNIST-1D", "",
              f"Machine: {result['machine']}. Teacher test accuracy {100 * result['teacher_accuracy']:.1f}%.",
@@ -93,8 +79,7 @@ def main() -> None:
                      f"{100 * v['accuracy']:.1f}% | {100 * v['agreement_with_fp32']:.1f}% | "
                      f"{lat['1']['p50']:.3f} | {lat['64']['p50']:.3f} | {lat['256']['p50']:.3f} | "
                      f"{v['p50_run2_over_run1']['64']:.2f} |")
-    (RESULTS / "exports.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("exports", result, lines)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Writes benchmarks/results/conv_mnist1d_<transfer>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_exports import machine  # noqa: E402
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from benchmarks.train_throughput import matmul_peak  # noqa: E402
 from compress.demo import mnist1d, teacher_path  # noqa: E402
 from compress.fit import FitConfig  # noqa: E402
@@ -34,7 +33,6 @@ from compress.pipeline import DistillOptions, distill  # noqa: E402
 from compress.plan import student_config  # noqa: E402
 from compress.student import flops_per_sample  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 STUDENTS = [  # (family, spec)
     ("MLP", "1k"), ("MLP", "2.5k"), ("MLP", "20L-4k"), ("MLP", "32L-3k"),
     ("SNN-CNN-MIMIC (1 conv)", "32c5-p-64L-1k"), ("SNN-CNN-MIMIC (1 conv)", "64c5-p-32L-2k"),
@@ -93,7 +91,6 @@ def main() -> None:
     out["best_mlp_up_to_1m"] = max((r["accuracy"] for r in rows if r["family"].startswith("MLP")
                                     and r["params"] <= 1_000_000), default=None)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"conv_mnist1d_{args.transfer}.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [f"# Conv vs MLP students on MNIST-1D, {args.transfer:,} transfer samples", "",
              f"{out['machine']}; device {out['device']}; {epochs} epochs (~{args.steps} steps of 128) "
              f"each; teacher {100 * rows[0]['teacher_accuracy']:.1f}% on the standard test set. "
@@ -105,8 +102,7 @@ def main() -> None:
               f"{r['latency_ms_b1_p50']:.3f} ms |" for r in rows]
     lines += ["", "Best of at most 150k parameters: " + ", ".join(
         f"{k} {100 * v:.1f}%" for k, v in best.items() if v is not None)]
-    (RESULTS / f"conv_mnist1d_{args.transfer}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(f"conv_mnist1d_{args.transfer}", out, lines)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_exports import machine  # noqa: E402
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from compress.threads import CGROUP_ROOT, affinity  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 CHILD = r"""
 import json, statistics, sys
 import numpy as np
@@ -114,9 +113,7 @@ def main() -> None:
                      f"{r['threads_uncapped']} | {r['samples_per_second_uncapped']:,.0f} | "
                      f"{r['ratio']:.2f}x |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu_quota.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "cpu_quota.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("cpu_quota", result, lines)
 
 
 if __name__ == "__main__":

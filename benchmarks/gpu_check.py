@@ -30,7 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS, write_results  # noqa: E402
+
 NEEDED = ("numpy", "torch", "onnx", "onnxruntime", "click", "rich", "sklearn", "mnist1d", "pytest")
 
 
@@ -120,14 +123,12 @@ def main() -> None:
     record = {**info, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": steps,
               "train_throughput": json.loads(throughput.read_text()) if throughput.exists() else None}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gpu_check.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# gpu-check on {info['device']} ({info['memory_gib']} GiB), {record['when']}", "",
              f"torch {info['torch']} (CUDA {info['cuda']}), onnxruntime {info['onnxruntime']} "
              f"({', '.join(info['ort_providers'])}), Python {info['python']}", "",
              "| step | status | seconds |", "|---|---|---:|"]
     lines += [f"| {s['step']} | {s['status']} | {s['seconds']} |" for s in steps]
-    (RESULTS / "gpu_check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("gpu_check", record, lines)
     sys.exit(0 if all(s["status"] == "passed" or s["status"].startswith("skipped") for s in steps) else 1)
 
 

@@ -29,10 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_results  # noqa: E402
 from compress import gpu_step  # noqa: E402
 from compress.student import StudentConfig, build_student, parse_spec  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 STUDENTS = ("64c5-p-32L-2k", "32c5-p-64c5-p-64L-1k", "4k")
 BATCHES = (256, 2048)
 
@@ -161,10 +161,7 @@ def main() -> None:
 
 
 def write(name: str, rows: list[dict]) -> None:
-    RESULTS.mkdir(exist_ok=True)
     when = time.strftime("%Y-%m-%d %H:%M:%S")
-    (RESULTS / "gpu_small_step.json").write_text(json.dumps({"device_name": name, "torch": torch.__version__,
-                                                             "when": when, "rows": rows}, indent=2) + "\n")
     lines = [f"# Small students' training step on {name}", "",
              f"torch {torch.__version__}, {when}. bf16 autocast, fused AdamW; ms a step by the wall clock "
              "(synchronized, after 20 warm-up steps); kernels per step by torch.profiler.", "",
@@ -182,7 +179,8 @@ def write(name: str, rows: list[dict]) -> None:
                      f"{r['batch'] / e['ms'] * 1e3:,.0f} | {gr['ms']:.3f} | "
                      f"{r['batch'] / gr['ms'] * 1e3:,.0f} | "
                      f"{e['ms'] / gr['ms']:.1f}x | {'yes' if match else 'NO'} |")
-    (RESULTS / "gpu_small_step.md").write_text("\n".join(lines) + "\n")
+    record = {"device_name": name, "torch": torch.__version__, "when": when, "rows": rows}
+    write_results("gpu_small_step", record, lines, echo=False)
 
 
 if __name__ == "__main__":

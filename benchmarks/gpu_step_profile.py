@@ -34,10 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import RESULTS, write_results  # noqa: E402
 from compress.gpu_step import RANK_ALIGN  # noqa: E402
 from compress.student import StudentConfig, build_student, count_params  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def peak(device: torch.device) -> float:
@@ -189,7 +188,6 @@ def main() -> None:
 
 
 def write(record: dict, out: Path) -> None:
-    (out / "gpu_step_profile.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# One training step of the paper-size student on {record['device']}", "",
              f"torch {record['torch']}, {record['when']}; bf16 matmul peak measured in the same run: "
              f"{record['peak_flop_per_second'] / 1e12:.0f} TFLOP/s. Student {record['student']}. Step time by"
@@ -212,7 +210,7 @@ def write(record: dict, out: Path) -> None:
     if first:
         lines += ["", f"Top kernels of `{first['variant']}` at batch {first['batch']} (ms per step):", ""]
         lines += [f"- {v:.2f} ms: `{k}`" for k, v in first["top_kernels_ms"].items()]
-    (out / "gpu_step_profile.md").write_text("\n".join(lines) + "\n")
+    write_results(out / "gpu_step_profile", record, lines, echo=False)
 
 
 if __name__ == "__main__":

