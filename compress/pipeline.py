@@ -166,23 +166,9 @@ def distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions =
         return _distill(teachers, data, opts, eval_data, eval_labels, progress, held)
 
 
-def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
-             eval_data: str | Path | None, eval_labels: str | Path | None,
-             progress: StageProgress | None, held: contextlib.ExitStack) -> dict[str, Any] | None:
-    """distill(); `held` keeps the output folder's lock until the caller's block ends."""
-    from compress import distributed
-    from compress import evaluate as ev
-    from compress.exporters.onnx import export_onnx
-    from compress.exporters.quantize import export_precision, refuse_too_large
-    from compress.fit import fit
-    from compress.student import save_student
-    from compress.targets import cache_key, compute_targets, compute_targets_distributed, load_cached
-
-    def say(stage: str, **info: Any) -> None:
-        if progress:
-            progress(stage, info)
-
-    # 1. check everything that can be checked cheaply
+def _check_options(teachers: list[str | Path], opts: DistillOptions, eval_data: str | Path | None,
+                   eval_labels: str | Path | None) -> tuple[str, int] | None:
+    """The options that can be refused before anything is read; returns the parsed --augment."""
     from compress.exporters.quantize import PRECISIONS
 
     for p in opts.precisions:
@@ -200,6 +186,61 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     if eval_labels is not None and eval_data is None:
         raise ConfigError("--eval-labels: needs --eval-data (the inputs those labels belong to)")
     opts.fit.validate()
+    return augment
+
+
+def _check_augment(augment: tuple[str, int], tokens: bool, opts: DistillOptions) -> None:
+    """--augment's method must suit the teacher's inputs (token ids or features)."""
+    from compress.augment import TOKEN_METHODS
+
+    if tokens != (augment[0] in TOKEN_METHODS):
+        fits = ("mask or ngram (e.g. mask:5)" if tokens else "munge, noise or mixup (e.g. munge:20)")
+        raise ConfigError(f"--augment {opts.augment}: this teacher's inputs take {fits}")
+    if augment[0] == "mask" and opts.mask_id is None:
+        raise ConfigError(f"--augment {opts.augment}: give --mask-id, the tokenizer's [MASK] (or [UNK]) "
+                          "id that replaces tokens (103 in BERT's WordPiece vocabulary)")
+
+
+def _augmented(augment: tuple[str, int], x: Any, z: Any, train_idx: np.ndarray, teacher: Any,
+               key: dict[str, Any], folder: Path, opts: DistillOptions,
+               say: Callable[..., None]) -> tuple[np.ndarray, np.ndarray]:
+    """The training rows and their logits, followed by synthetic transfer data made from them (never
+    from the held-out part) and labelled by the teacher likewise; both cached in `folder`."""
+    from compress.augment import generate
+    from compress.targets import compute_targets, load_cached
+
+    method, factor = augment
+    tag = f"{method}{factor}_seed{opts.fit.seed}" + (f"_id{opts.mask_id}" if method == "mask" else "")
+    x_real = x[train_idx]  # in memory: --augment needs the set to fit the budget
+    x_syn = generate(x_real, method, factor, folder / f"augmented_{tag}.npy", opts.fit.seed,
+                     lambda done, n: say("augment", done=done, total=n), teacher.signature.inputs,
+                     opts.mask_id)
+    syn_key = {**key, "augment": tag, "samples": int(len(x_syn))}
+    z_syn = load_cached(folder / f"targets_{tag}.npy", syn_key)
+    if z_syn is None:
+        z_syn = compute_targets(teacher, x_syn, folder / f"targets_{tag}.npy", syn_key,
+                                opts.teacher_batch_size, lambda done, n: say("targets", done=done, total=n))
+    return np.concatenate([x_real, np.asarray(x_syn)]), np.concatenate([z[train_idx], np.asarray(z_syn)])
+
+
+def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
+             eval_data: str | Path | None, eval_labels: str | Path | None,
+             progress: StageProgress | None, held: contextlib.ExitStack) -> dict[str, Any] | None:
+    """distill(); `held` keeps the output folder's lock until the caller's block ends."""
+    from compress import distributed
+    from compress import evaluate as ev
+    from compress.exporters.onnx import export_onnx
+    from compress.exporters.quantize import export_precision, refuse_too_large
+    from compress.fit import fit
+    from compress.student import save_student
+    from compress.targets import cache_key, compute_targets, compute_targets_distributed, load_cached
+
+    def say(stage: str, **info: Any) -> None:
+        if progress:
+            progress(stage, info)
+
+    # 1. check everything that can be checked cheaply
+    augment = _check_options(teachers, opts, eval_data, eval_labels)
     out = Path(opts.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
@@ -238,14 +279,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
         raise ConfigError(f"--quantize {opts.quantize}: token-id students are quantized by weights (int8 "
                           "rows of the embedding table, each with its scale); leave out --quantize")
     if augment:
-        from compress.augment import TOKEN_METHODS
-
-        if sig.tokens != (augment[0] in TOKEN_METHODS):
-            fits = ("mask or ngram (e.g. mask:5)" if sig.tokens else "munge, noise or mixup (e.g. munge:20)")
-            raise ConfigError(f"--augment {opts.augment}: this teacher's inputs take {fits}")
-        if augment[0] == "mask" and opts.mask_id is None:
-            raise ConfigError(f"--augment {opts.augment}: give --mask-id, the tokenizer's [MASK] (or [UNK]) "
-                              "id that replaces tokens (103 in BERT's WordPiece vocabulary)")
+        _check_augment(augment, sig.tokens, opts)
     budget = opts.memory_budget or default_memory_budget()
     row_bytes = np.dtype(dtype).itemsize * cfg.input_dim + 4 * cfg.num_classes  # inputs and logits
     factor = augment[1] if augment else 1
@@ -298,22 +332,8 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     # 2b. synthetic transfer data from the training part (never the held-out part), labelled likewise
     n_synthetic = 0
     if augment is not None:
-        from compress.augment import generate
-
-        method, factor = augment
-        tag = f"{method}{factor}_seed{opts.fit.seed}" + (f"_id{opts.mask_id}" if method == "mask" else "")
-        x_real = x[train_idx]  # in memory: --augment needs the set to fit the budget
-        x_syn = generate(x_real, method, factor, cache.parent / f"augmented_{tag}.npy", opts.fit.seed,
-                         lambda done, n: say("augment", done=done, total=n), sig.inputs, opts.mask_id)
-        syn_key = {**key, "augment": tag, "samples": int(len(x_syn))}
-        z_syn = load_cached(cache.parent / f"targets_{tag}.npy", syn_key)
-        if z_syn is None:
-            z_syn = compute_targets(teacher, x_syn, cache.parent / f"targets_{tag}.npy", syn_key,
-                                    opts.teacher_batch_size,
-                                    lambda done, n: say("targets", done=done, total=n))
-        x_train = np.concatenate([x_real, np.asarray(x_syn)])
-        z_train = np.concatenate([z[train_idx], np.asarray(z_syn)])
-        n_synthetic = len(x_syn)
+        x_train, z_train = _augmented(augment, x, z, train_idx, teacher, key, cache.parent, opts, say)
+        n_synthetic = len(x_train) - len(train_idx)
 
     # 3. fit on the training part, score on the held-out part
     x_val = np.asarray(x[val_idx], dtype=dtype)
