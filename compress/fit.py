@@ -225,6 +225,35 @@ def fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray,
     return result
 
 
+def _plan_gpu(cfg: StudentConfig, padded: StudentConfig, bs: int, n: int, stream_rows: int | None,
+              device: torch.device, ranks: int, notes: list[str]) -> tuple[int, int | None, int]:
+    """The batch, the rows held on the GPU at once (None: all) and the held-out rows scored at once,
+    sized to the GPU's free memory (compress.feed.plan_cuda); what changed is added to `notes`."""
+    import torch
+
+    d, k_pad, c_pad = cfg.input_dim, padded.rank, padded.num_classes
+    acts = d + 4 * sum(math.prod(ly.out_shape) for ly in cfg.layers() if ly.kind in ("conv", "pool"))
+    plan = plan_cuda(count_params(padded), activation_bytes(acts, k_pad, cfg.width, c_pad),
+                     bs, n, 4 * (d + cfg.num_classes), torch.cuda.mem_get_info(device)[0],
+                     what=str(device), ddp=ranks > 1)
+    bs, plan_rows, eval_rows = plan.batch, plan.stream_rows or n, plan.eval_rows
+    if ranks > 1:  # every rank must take the same steps: the tightest GPU decides for all
+        import torch.distributed as dist
+
+        both = torch.tensor([bs, plan_rows], device=device)
+        dist.all_reduce(both, op=dist.ReduceOp.MIN)
+        bs, plan_rows = (int(v) for v in both.tolist())
+    if bs < plan.batch:
+        notes.append(f"--batch-size: another rank's GPU has less room: every rank trains with {bs}")
+    elif plan.note:
+        notes.append(plan.note)
+    if plan_rows < (stream_rows or n):
+        stream_rows = plan_rows
+        notes.append(f"the training rows do not fit on {device} beside the student: streamed in "
+                     f"blocks of {stream_rows:,} rows")
+    return bs, stream_rows, eval_rows
+
+
 def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: StudentConfig,
          fit_cfg: FitConfig, progress: FitProgress | None, stream_rows: int | None,
          checkpoint: str | None, resume: bool, world: Any, read_ahead: bool) -> FitResult:
@@ -280,25 +309,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
         notes.append(f"--batch-size {fit_cfg.batch_size:,} is more than the {n:,} training samples: one "
                      f"step an epoch, of {bs:,}")
     if device.type == "cuda":  # the batch and the training rows sized to the GPU's free memory
-        acts = d + 4 * sum(math.prod(ly.out_shape) for ly in cfg.layers() if ly.kind in ("conv", "pool"))
-        plan = plan_cuda(count_params(padded), activation_bytes(acts, k_pad, cfg.width, c_pad),
-                         bs, n, 4 * (d + cfg.num_classes), torch.cuda.mem_get_info(device)[0],
-                         what=str(device), ddp=ranks > 1)
-        bs, plan_rows, eval_rows = plan.batch, plan.stream_rows or n, plan.eval_rows
-        if ranks > 1:  # every rank must take the same steps: the tightest GPU decides for all
-            import torch.distributed as dist
-
-            both = torch.tensor([bs, plan_rows], device=device)
-            dist.all_reduce(both, op=dist.ReduceOp.MIN)
-            bs, plan_rows = (int(v) for v in both.tolist())
-        if bs < plan.batch:
-            notes.append(f"--batch-size: another rank's GPU has less room: every rank trains with {bs}")
-        elif plan.note:
-            notes.append(plan.note)
-        if plan_rows < (stream_rows or n):
-            stream_rows = plan_rows
-            notes.append(f"the training rows do not fit on {device} beside the student: streamed in "
-                         f"blocks of {stream_rows:,} rows")
+        bs, stream_rows, eval_rows = _plan_gpu(cfg, padded, bs, n, stream_rows, device, ranks, notes)
     bounds = [(a, min(n, a + (stream_rows or n))) for a in range(0, n, stream_rows or n)]
     feed = Feed(x_train, z_train, bounds, prep, device, prefetch=read_ahead)
     xv, zv = prep(x_val, z_val, 0, len(x_val))

@@ -60,6 +60,26 @@ def test_the_streaming_case_is_planned_as_streamed():  # the arithmetic of the G
     assert plan.stream_rows is not None and 32 <= plan.stream_rows < 2700
 
 
+def test_the_gpu_plan_streams_rows_that_do_not_fit(monkeypatch):  # fit's GPU planning, on any machine
+    import dataclasses
+
+    from compress import gpu_step
+    from compress.fit import _plan_gpu
+
+    cfg, cuda = StudentConfig((12,), 5, 256, 6), torch.device("cuda")  # a device object; nothing runs
+    padded = dataclasses.replace(cfg, num_classes=PAD, rank=gpu_step.padded_rank(6, cuda))
+    free = streaming_free_bytes(32, 2700)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    notes: list[str] = []
+    bs, rows, eval_rows = _plan_gpu(cfg, padded, 32, 2700, None, cuda, 1, notes)
+    assert bs == 32 and rows is not None and 32 <= rows < 2700 and eval_rows >= 1
+    assert notes == ["the training rows do not fit on cuda beside the student: streamed in blocks of "
+                     f"{rows:,} rows"]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
+    notes = []
+    assert _plan_gpu(cfg, padded, 32, 2700, None, cuda, 1, notes)[:2] == (32, None) and notes == []
+
+
 @on_gpu
 def test_rows_that_do_not_fit_on_the_gpu_are_streamed(monkeypatch):
     x, z = realizable(3000)
