@@ -395,6 +395,16 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
         split = (ConvStep if cfg.front else SplitStep)(model, opt, loss_fn, cfg.num_classes, bs,
                                                        torch.get_num_threads(), l2=fit_cfg.loss == "l2")
     graph = gpu_step.GraphStep(model, opt, loss_fn, real, bs, autocast) if graphed else None
+
+    def autograd_step(xt: torch.Tensor, zt: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            loss = loss_fn(net(xt[idx])[:, real].float(), zt[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    train_step = split.step if split is not None else graph.step if graph is not None else autograd_step
     with contextlib.ExitStack() as stack:
         if split is not None:
             stack.enter_context(split)
@@ -409,16 +419,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
                 perm = torch.randperm(rows, generator=gen).to(device)
                 for i in range(0, rows, bs):
                     idx = perm[i : i + bs]
-                    if split is not None:
-                        loss = split.step(xt, zt, idx)
-                    elif graph is not None:
-                        loss = graph.step(xt, zt, idx)
-                    else:
-                        with autocast:
-                            loss = loss_fn(net(xt[idx])[:, real].float(), zt[idx])
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
+                    loss = train_step(xt, zt, idx)
                     sched.step()
                     running += loss.detach()
                     seen += idx.shape[0]
