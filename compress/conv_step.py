@@ -88,10 +88,17 @@ class ConvStep(ThreadedStep):
             return new
 
         prog = _Program(alloc("io")("x", (rows, self._d)), alloc("io")("t", (rows, self.c)))
-        grads = prog.grads = [torch.zeros_like(p) for p in self.params]
-        rec = prog.forward.record
+        prog.grads = [torch.zeros_like(p) for p in self.params]
+        tape, spatial = self._record_forward(prog, alloc, rows)
+        self._record_loss(prog, alloc("io"), rows, n)
+        self._record_backward(prog, tape, alloc, rows, spatial)
+        return prog
 
-        # forward
+    def _record_forward(self, prog: _Program, alloc: Callable[[Any], conv.Alloc],
+                        rows: int) -> tuple[list[tuple[Any, ...]], tuple[int, ...]]:
+        """The forward's ops into prog.forward; returns the tape the backward walks back, and the
+        spatial shape at the flatten."""
+        rec, spatial = prog.forward.record, ()
         h, tape = prog.x, []
         for slot, layer in enumerate(self._layers):
             new = alloc(slot)
@@ -163,20 +170,26 @@ class ConvStep(ThreadedStep):
                     h = new("cl", (rows, *mean.shape[1:], mean.shape[0]))
                     rec(torch.Tensor.copy_, h, std.movedim(1, -1))
         prog.logits = h
+        return tape, spatial
 
-        # the loss's gradient: the L2 loss's here; any other loss's is written by _work between the two
-        io = alloc("io")
+
+    def _record_loss(self, prog: _Program, io: conv.Alloc, rows: int, n: int) -> None:
+        """The L2 loss and its gradient into prog.loss (any other loss's is written by _work)."""
         prog.dy = dy = io("dy", (rows, self.cp))  # padded classes keep a zero gradient
         if self.l2:
             rec = prog.loss.record
-            diff = rec(torch.sub, h[:, : self.c], prog.t, out=io("diff", (rows, self.c)))
+            diff = rec(torch.sub, prog.logits[:, : self.c], prog.t, out=io("diff", (rows, self.c)))
             sq = rec(torch.mul, diff, diff, out=io("sq", (rows, self.c)))
             rec(torch.sum, sq, (0, 1), out=prog.loss_value)
             rec(torch.Tensor.mul_, prog.loss_value, 0.5 / n)
             rec(torch.mul, diff, 1.0 / n, out=dy[:, : self.c])
 
-        # backward
-        rec, g = prog.backward.record, dy
+
+    def _record_backward(self, prog: _Program, tape: list[tuple[Any, ...]],
+                         alloc: Callable[[Any], conv.Alloc], rows: int, spatial: tuple[int, ...]) -> None:
+        """The backward's ops into prog.backward, from prog.dy to the weight gradients prog.grads."""
+        grads = prog.grads
+        rec, g = prog.backward.record, prog.dy
         for i, (kind, slot, *rest) in enumerate(reversed(tape)):
             last = i == len(tape) - 1  # the first layer: its input is the data, which needs no gradient
             new = alloc(("grad", slot))
@@ -227,7 +240,6 @@ class ConvStep(ThreadedStep):
                     outs = (new("gx", tuple(h.shape)), gw, gb)
                     g = conv.conv_backward(g, h, layer.weight, layer.kernel, layer.dims, True, outs,
                                            op=rec)[0]
-        return prog
 
     @torch.no_grad()
     def _work(self, j: int, x: torch.Tensor, z: torch.Tensor, idx: torch.Tensor, step: int, lr: float,
