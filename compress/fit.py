@@ -47,6 +47,7 @@ EVAL_ELEMENTS = 2**26  # hidden activations of one held-out scoring chunk (256 M
 # faster than autograd (2-core CPU, fit loop: 60k vs 58k samples/s at 154 MFLOP, 48k vs 37k at 519,
 # 3.6k vs 2.8k at 25 GFLOP), and below it slower (100k vs 280k samples/s for a 32-wide student).
 SPLIT_MIN_FLOP_PER_STEP = 100e6
+GRAPH_NEEDS_A_GPU = "--engine graph: only for training on one GPU (--device cuda, one process)"
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,11 @@ class FitConfig:
             raise ConfigError(f"--device: must be auto, cpu or cuda, got {self.device}")
         if self.engine not in ("auto", "split", "graph", "autograd"):
             raise ConfigError(f"--engine: must be auto, split, graph or autograd, got {self.engine}")
+        if self.engine == "graph" and self.device != "cuda":  # said before the teacher runs
+            import torch
+
+            if self.device == "cpu" or not torch.cuda.is_available():
+                raise ConfigError(GRAPH_NEEDS_A_GPU)
 
 
 @dataclass
@@ -140,7 +146,7 @@ def _use_graph(fit_cfg: FitConfig, device: torch.device, ranks: int, cfg: Studen
     """One CUDA graph of the whole step (compress.gpu_step.GraphStep) on a single GPU, for a step small
     enough that launching its kernels from Python is what takes the time."""
     if fit_cfg.engine == "graph" and (device.type != "cuda" or ranks > 1):
-        raise ConfigError("--engine graph: only for training on one GPU (--device cuda, one process)")
+        raise ConfigError(GRAPH_NEEDS_A_GPU)
     if fit_cfg.engine == "graph":
         return True
     if fit_cfg.engine != "auto" or device.type != "cuda" or ranks > 1 or cfg.vocab:

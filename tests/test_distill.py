@@ -149,6 +149,10 @@ def test_targets_then_fit(tmp_path, digits_files, digits):
         assert graph.exit_code == 2 and graph.stderr.count("\n") == 1, graph.output
         assert "--engine graph: only for training on one GPU" in graph.stderr
         assert not (tmp_path / "graph" / "student.onnx").exists()
+        early = CliRunner().invoke(cli, ["distill", str(f["teacher"]), "--data", str(f["x"]), "--engine",
+                                         "graph", "--out", str(tmp_path / "graph2")])
+        assert early.exit_code == 2 and "--engine graph" in early.stderr  # refused before the teacher ran
+        assert not (tmp_path / "graph2" / "targets.npy").exists()
 
 
 def test_ctrl_c_during_fit_says_how_to_resume_and_resume_finishes(tmp_path):
