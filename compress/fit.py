@@ -47,6 +47,7 @@ EVAL_ELEMENTS = 2**26  # hidden activations of one held-out scoring chunk (256 M
 # faster than autograd (2-core CPU, fit loop: 60k vs 58k samples/s at 154 MFLOP, 48k vs 37k at 519,
 # 3.6k vs 2.8k at 25 GFLOP), and below it slower (100k vs 280k samples/s for a 32-wide student).
 SPLIT_MIN_FLOP_PER_STEP = 100e6
+SPLIT_NEEDS_THE_CPU = "--engine split: only for single-process CPU training (--device cpu)"
 GRAPH_NEEDS_A_GPU = "--engine graph: only for training on one GPU (--device cuda, one process)"
 
 
@@ -84,6 +85,8 @@ class FitConfig:
 
             if self.device == "cpu" or not torch.cuda.is_available():
                 raise ConfigError(GRAPH_NEEDS_A_GPU)
+        if self.engine == "split" and self.device == "cuda":
+            raise ConfigError(SPLIT_NEEDS_THE_CPU)
 
 
 @dataclass
@@ -132,7 +135,7 @@ def _use_split(fit_cfg: FitConfig, device: torch.device, ranks: int, cfg: Studen
         raise ConfigError("--engine split: only for students of float inputs; use autograd")
     if fit_cfg.engine == "autograd" or device.type != "cpu" or ranks > 1 or cfg.vocab:
         if fit_cfg.engine == "split":
-            raise ConfigError("--engine split: only for single-process CPU training")
+            raise ConfigError(SPLIT_NEEDS_THE_CPU)
         return False
     if fit_cfg.engine == "split":
         return True

@@ -173,6 +173,8 @@ def test_auto_picks_the_split_step_only_where_it_pays():
     assert wide.engine == "split"
     with pytest.raises(ConfigError, match="--engine"):
         FitConfig(engine="threads").validate()
+    with pytest.raises(ConfigError, match="--engine split: only for single-process CPU training"):
+        FitConfig(engine="split", device="cuda").validate()  # before anything is read or labelled
 
 
 def test_the_graph_step_is_chosen_for_small_steps_on_one_gpu():
