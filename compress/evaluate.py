@@ -143,6 +143,10 @@ def comparison_columns(report: dict[str, Any]) -> tuple[list[str], list[list[str
     return ["metric", *[name for name, _, _, _ in cols]], rows
 
 
+# how report.md names the training step (report.json's train.engine)
+STEP_NAMES = {"split": ", the split CPU step", "graph": ", one CUDA graph a step", "autograd": ", autograd"}
+
+
 def render_markdown(report: dict[str, Any], plot: str | None = None) -> str:
     s, tr, ev = report["student"], report["train"], report["eval"]
     headers, rows = comparison_columns(report)
@@ -159,8 +163,8 @@ def render_markdown(report: dict[str, Any], plot: str | None = None) -> str:
         *["| " + " | ".join(r) + " |" for r in rows],
         "",
         f"Training: {tr['epochs']} epochs (best {tr['best_epoch']}) on {tr['samples']:,} transfer "
-        f"samples in {tr['seconds']:.1f} s on {tr['device']} ({tr['samples_per_second']:,.0f} "
-        "samples/s)." + resumed,
+        f"samples in {tr['seconds']:.1f} s on {tr['device']}{STEP_NAMES.get(tr.get('engine'), '')} "
+        f"({tr['samples_per_second']:,.0f} samples/s)." + resumed,
         *[f"Note: {note}" for note in tr.get("notes", [])],
         f"Export: `{Path(report['export']['path']).name}`, max |onnxruntime - torch| = "
         f"{report['export']['max_abs_diff']:.2e}.",

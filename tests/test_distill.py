@@ -51,6 +51,10 @@ def test_report_has_the_contract_keys(distilled):
 
     r["train"]["notes"] = ["--batch-size: 4096 does not fit; training with 1024"]
     assert "Note: --batch-size: 4096 does not fit; training with 1024" in render_markdown(r)
+    assert f"on cpu, {'autograd' if r['train']['engine'] == 'autograd' else 'the split CPU step'} (" in (
+        out / "report.md").read_text()  # which training step ran
+    r["train"].update(device="cuda:0", engine="graph")
+    assert "on cuda:0, one CUDA graph a step (" in render_markdown(r)
 
 
 def test_student_matches_teacher(distilled, digits_files, digits):
