@@ -13,7 +13,9 @@ Variants, each timed the same way:
   compress.gpu_step.RANK_ALIGN (256), at batch 4096 and 8192, and at 128 (distill's default) and 512;
 - `fused ReLU`: that, with the hidden layer as one cuBLASLt product with its bias and ReLU in the
   epilogue (torch._addmm_activation), its gradient from the saved output (one element-wise pass fewer);
-- `torch.compile`: the fit loop's model compiled (default mode), when it compiles here.
+- `torch.compile`: the fit loop's model compiled (default mode), when it compiles here;
+- `CUDA graph` (GPU only): the step replayed as one CUDA graph (compress.gpu_step.GraphStep), at batch
+  128 and 4096, to see why the fit loop ran the paper-size student 0.85x as fast that way at 128.
 
     python benchmarks/gpu_step_profile.py [--steps 20] [--width 400000]
 Writes benchmarks/results/gpu_step_profile.{json,md}, rewritten after each variant. On a machine
@@ -35,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, write_results  # noqa: E402
-from compress.gpu_step import RANK_ALIGN  # noqa: E402
+from compress.gpu_step import RANK_ALIGN, GraphStep  # noqa: E402
 from compress.student import StudentConfig, build_student, count_params  # noqa: E402
 
 
@@ -108,6 +110,14 @@ def variant(name: str, device: torch.device, cfg: StudentConfig, batch: int, ste
         loss.backward()
         opt.step()
 
+    if mode == "graph":  # the same step as compress.fit's CUDA-graph engine replays it
+        graphed = GraphStep(model, opt, lambda s, t: 0.5 * (s - t).pow(2).sum(dim=1).mean(),
+                            slice(0, cfg.num_classes), batch, autocast)
+        rows = torch.arange(batch, device=device)
+
+        def step() -> None:
+            graphed.step(x, z, rows)
+
     t = time.perf_counter()
     for _ in range(3):  # warm-up (and compilation)
         step()
@@ -167,6 +177,8 @@ def main() -> None:
             ("fused ReLU", batches[0], "fused", padded), ("fused ReLU", batches[1], "fused", padded),
             ("torch.compile", batches[0], "compile", padded),
             ("torch.compile", batches[1], "compile", padded)]
+    if cuda:  # the fit loop's CUDA-graph step: 0.85x the eager one at batch 128 in the fit loop (H200)
+        plan += [("CUDA graph", small[0], "graph", padded), ("CUDA graph", batches[0], "graph", padded)]
     record = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke test, not a measurement)",
               "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
               "student": {"D": 1845, "rank": 250, "width": width, "classes": "183 padded to 192"},
