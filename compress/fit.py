@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compress import checkpoint as ckpt
-from compress import gpu_step
+from compress import engine, gpu_step
 from compress.data import Rows
+from compress.engine import GRAPH_NEEDS_A_GPU, SPLIT_NEEDS_THE_CPU
 from compress.errors import ConfigError, DivergedError
 from compress.feed import Feed, activation_bytes, plan_cuda
 from compress.scaling import CONSTANT_BELOW, _fold, _moments, per_channel, robust_scale, standardize
-from compress.student import StudentConfig, build_student, count_params, flops_per_sample
+from compress.student import StudentConfig, build_student, count_params
 from compress.threads import torch_threads, training_threads
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that FitConfig stays cheap to import
@@ -43,12 +44,6 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that FitConfig stays
 FitProgress = Callable[[dict[str, Any]], None]
 PAD = 16  # class count padded to a multiple of this while training
 EVAL_ELEMENTS = 2**26  # hidden activations of one held-out scoring chunk (256 MB in float32)
-# The split CPU step costs its threads about 1 ms a step to meet; from about 100 MFLOP a step it is
-# faster than autograd (2-core CPU, fit loop: 60k vs 58k samples/s at 154 MFLOP, 48k vs 37k at 519,
-# 3.6k vs 2.8k at 25 GFLOP), and below it slower (100k vs 280k samples/s for a 32-wide student).
-SPLIT_MIN_FLOP_PER_STEP = 100e6
-SPLIT_NEEDS_THE_CPU = "--engine split: only for single-process CPU training (--device cpu)"
-GRAPH_NEEDS_A_GPU = "--engine graph: only for training on one GPU (--device cuda, one process)"
 
 
 @dataclass(frozen=True)
@@ -124,37 +119,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
-
-
-def _use_split(fit_cfg: FitConfig, device: torch.device, ranks: int, cfg: StudentConfig,
-               batch_size: int) -> bool:
-    """The split CPU step (compress.split_step) for single-process CPU runs where it pays."""
-    import torch
-
-    if fit_cfg.engine == "split" and cfg.vocab:
-        raise ConfigError("--engine split: only for students of float inputs; use autograd")
-    if fit_cfg.engine == "autograd" or device.type != "cpu" or ranks > 1 or cfg.vocab:
-        if fit_cfg.engine == "split":
-            raise ConfigError(SPLIT_NEEDS_THE_CPU)
-        return False
-    if fit_cfg.engine == "split":
-        return True
-    step_flop = 3 * flops_per_sample(cfg) * batch_size  # forward + backward: 6 x weights a sample
-    # torch._fused_adamw_ is the kernel behind AdamW(fused=True); should a torch drop it, autograd runs
-    return step_flop >= SPLIT_MIN_FLOP_PER_STEP and hasattr(torch, "_fused_adamw_")
-
-
-def _use_graph(fit_cfg: FitConfig, device: torch.device, ranks: int, cfg: StudentConfig,
-               batch_size: int) -> bool:
-    """One CUDA graph of the whole step (compress.gpu_step.GraphStep) on a single GPU, for a step small
-    enough that launching its kernels from Python is what takes the time."""
-    if fit_cfg.engine == "graph" and (device.type != "cuda" or ranks > 1):
-        raise ConfigError(GRAPH_NEEDS_A_GPU)
-    if fit_cfg.engine == "graph":
-        return True
-    if fit_cfg.engine != "auto" or device.type != "cuda" or ranks > 1 or cfg.vocab:
-        return False  # token students: their bag's backward is unmeasured under a graph
-    return 3 * flops_per_sample(cfg) * batch_size <= gpu_step.GRAPH_MAX_FLOP_PER_STEP
 
 
 def auto_epochs(n_train: int, batch_size: int, target_steps: int = 4000) -> int:
@@ -344,7 +308,6 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    graphed = _use_graph(fit_cfg, device, ranks, cfg, bs)
     opt = torch.optim.AdamW(model.parameters(), lr=fit_cfg.lr, weight_decay=fit_cfg.weight_decay,
                             fused=True)  # one kernel over all parameters, on CPU as on GPU
     steps_per_epoch = sum(math.ceil((b - a) / bs) for a, b in bounds)
@@ -395,15 +358,10 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
         history, seen, step = state["history"], state["seen"], state["step"]
         first_epoch, earlier_seconds = state["epoch"] + 1, state["seconds"]
     model.train()
-    split = None
-    if _use_split(fit_cfg, device, ranks, cfg, bs):
-        from compress.conv_step import ConvStep
-        from compress.split_step import SplitStep
-
-        # a conv student's batch is split across the cores (compress.conv_step), an MLP's hidden layer
-        split = (ConvStep if cfg.front else SplitStep)(model, opt, loss_fn, cfg.num_classes, bs,
-                                                       torch.get_num_threads(), l2=fit_cfg.loss == "l2")
-    graph = gpu_step.GraphStep(model, opt, loss_fn, real, bs, autocast) if graphed else None
+    graph = (gpu_step.GraphStep(model, opt, loss_fn, real, bs, autocast)
+             if engine.use_graph(fit_cfg, device, ranks, cfg, bs) else None)
+    split = (engine.split_step(model, opt, loss_fn, cfg, bs, l2=fit_cfg.loss == "l2")
+             if engine.use_split(fit_cfg, device, ranks, cfg, bs) else None)
 
     def autograd_step(xt: torch.Tensor, zt: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         with autocast:
@@ -480,7 +438,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
                           "agreement": agreement})
     if device.type == "cuda":
         torch.cuda.synchronize()
-    engine = "split" if split is not None else "graph" if graph is not None and graph.graph else "autograd"
+    ran = "split" if split is not None else "graph" if graph is not None and graph.graph else "autograd"
     if graph is not None and graph.failed:
         notes.append(f"the training step could not be captured as a CUDA graph ({graph.failed}): it ran "
                      "eagerly")
@@ -500,5 +458,5 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     _fold(model, mu, sd, z_mean, z_scale)
     return FitResult(model=model, epochs=epochs, best_epoch=best[1], seconds=seconds,
                      samples_per_second=seen * ranks / seconds, device=str(device), history=history,
-                     world_size=ranks, engine=engine, batch_size=bs,
+                     world_size=ranks, engine=ran, batch_size=bs,
                      streamed=len(bounds) > 1, notes=notes, resumed_from_epoch=resumed_from)

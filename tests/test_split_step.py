@@ -178,7 +178,7 @@ def test_auto_picks_the_split_step_only_where_it_pays():
 
 
 def test_the_graph_step_is_chosen_for_small_steps_on_one_gpu():
-    from compress.fit import _use_graph
+    from compress.engine import use_graph as _use_graph
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object; nothing runs on it
     small = StudentConfig((40,), 10, 2000, 32, (("c", 64, 5), ("p", 2, 0)))
