@@ -8,9 +8,10 @@ student) and batch size this measures:
 - `eager`: the fit loop's step (fp32 weights, bf16 autocast, fused AdamW, compress's own modules);
   ms a step by the wall clock over synchronized runs of steps, and GPU kernels launched per step
   (torch.profiler);
-- `graph`: the same step (gather of the batch rows, forward, loss, backward, fused AdamW with
-  `capturable=True` and the learning rate as a tensor) captured once into a CUDA graph and replayed;
-  checked against eager steps from the same start (loss after a few steps).
+- `graph`: the same step through compress.gpu_step.GraphStep (the batch's rows gathered into fixed
+  buffers, then forward, loss, backward and fused AdamW replayed as one CUDA graph), as compress.fit runs
+  it; checked against eager steps from the same start (the first five losses). The committed results
+  were measured with this script's first version, which captured the same step by hand.
 
     python benchmarks/gpu_small_step.py [--steps 200]
 Writes benchmarks/results/gpu_small_step.{json,md}. Needs a CUDA GPU (exit 2 with one line without).
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import write_results  # noqa: E402
 from compress import gpu_step  # noqa: E402
+from compress.gpu_step import GraphStep  # noqa: E402
 from compress.student import StudentConfig, build_student, parse_spec  # noqa: E402
 
 STUDENTS = ("64c5-p-32L-2k", "32c5-p-64c5-p-64L-1k", "4k")
@@ -88,55 +90,27 @@ def eager(spec: str, batch: int, steps: int) -> dict:
 
 
 def graphed(spec: str, batch: int, steps: int) -> dict:
+    """The same step through compress.gpu_step.GraphStep, as compress.fit runs it (`--engine graph`)."""
     torch.manual_seed(0)
     m = model_for(spec)
-    lr = torch.tensor(1e-3, device="cuda")
-    opt = torch.optim.AdamW(m.parameters(), lr=lr, fused=True, capturable=True)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
     x, z = data(batch * 8)
-    idx = torch.empty(batch, dtype=torch.long, device="cuda")
-    first = torch.arange(batch, device="cuda")
-
-    def body() -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = 0.5 * ((m(x[idx])[:, :10].float() - z[idx]) ** 2).sum(1).mean()
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    # the eager steps of `eager` start from the same weights; the first 5 losses are compared.
-    losses = []
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as capture needs (one real step)
-        idx.copy_(first)
-        opt.zero_grad(set_to_none=False)
-        losses.append(float(body()))
-    torch.cuda.current_stream().wait_stream(side)
-    for p in m.parameters():  # captured steps accumulate into these: zeroed inside the graph
-        p.grad.zero_()
-    g = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=False)
-    with torch.cuda.graph(g):
-        for p in m.parameters():
-            p.grad.zero_()
-        loss = body()
-    t_capture = time.perf_counter()
-    for i in range(1, 5):
-        idx.copy_(torch.arange(i % 8 * batch, (i % 8 + 1) * batch, device="cuda"))
-        g.replay()
-        losses.append(float(loss))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    graph = GraphStep(m, opt, lambda s, t: 0.5 * ((s - t) ** 2).sum(1).mean(), slice(0, 10), batch, autocast)
     rows = [torch.arange(i * batch, (i + 1) * batch, device="cuda") for i in range(8)]
+    # the eager steps of `eager` start from the same weights; the first 5 losses are compared (the first
+    # step runs eagerly and is captured, the next ones replay the graph)
+    losses = [float(graph.step(x, z, rows[i])) for i in range(5)]
+    if graph.failed:
+        raise RuntimeError(graph.failed)
     for i in range(20):
-        idx.copy_(rows[i % 8])
-        g.replay()
+        graph.step(x, z, rows[i % 8])
     torch.cuda.synchronize()
     t = time.perf_counter()
     for i in range(steps):
-        idx.copy_(rows[i % 8])
-        g.replay()
+        graph.step(x, z, rows[i % 8])
     torch.cuda.synchronize()
-    ms = 1e3 * (time.perf_counter() - t) / steps
-    return {"ms": ms, "first_losses": losses, "capture_to_first_s": time.perf_counter() - t_capture}
+    return {"ms": 1e3 * (time.perf_counter() - t) / steps, "first_losses": losses}
 
 
 def main() -> None:
