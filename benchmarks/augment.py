@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import machine, write_results  # noqa: E402
 from compress.demo import mnist1d, teacher_path  # noqa: E402
 from compress.pipeline import DistillOptions, distill  # noqa: E402
 
@@ -74,7 +74,6 @@ def main() -> None:
                              "student_accuracy": r["student"]["accuracy"],
                              "agreement": r["fidelity"]["agreement"], "seconds": time.perf_counter() - t})
                 print(json.dumps(rows[-1]), flush=True)
-    RESULTS.mkdir(exist_ok=True)
     lines = ["# Synthetic transfer data: student test accuracy", "", f"Machine: {machine()}. Width 2,000; "
              "defaults otherwise; one run each (run-to-run spread is about a point on digits).", "",
              "| problem | real training samples | teacher | none | " + " | ".join(SPECS[1:]) + " |",

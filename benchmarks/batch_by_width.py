@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import machine, write_results  # noqa: E402
 from benchmarks.train_throughput import matmul_peak  # noqa: E402
 from compress.demo import mnist1d, teacher_path  # noqa: E402
 from compress.evaluate import run_onnx  # noqa: E402
@@ -109,7 +109,6 @@ def main() -> None:
               "|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['batch']} | {r['lr']:g} | {r['steps']:,} | {100 * r['test_accuracy']:.1f}% | "
               f"{100 * r['agreement']:.1f}% | {r['best_val_loss']:.4f} | {r['seconds']:.0f} |" for r in accs]
-    RESULTS.mkdir(exist_ok=True)
     write_results("batch_by_width", result, lines)
 
 

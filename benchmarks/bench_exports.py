@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import machine, write_results  # noqa: E402
 from compress.bench import bench
 from compress.demo import mnist1d, prepare
 from compress.exporters.quantize import export_precision
@@ -65,7 +65,6 @@ def main() -> None:
     result = {"machine": machine(), "teacher_accuracy": report["teacher"]["accuracy"],
               "student": {"width": cfg.width, "rank": cfg.rank, "params": report["student"]["params"]},
               "variants": out}
-    RESULTS.mkdir(exist_ok=True)
     fp32 = out[0]["size_bytes"]
     lines = [f"# Exports of one student (width {cfg.width:,}, rank {cfg.rank}), MNIST-1D", "",
              f"Machine: {result['machine']}. Teacher test accuracy {100 * result['teacher_accuracy']:.1f}%.",

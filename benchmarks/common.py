@@ -27,9 +27,10 @@ def machine() -> str:
 
 
 def write_results(stem: str | Path, record: Any, lines: list[str], echo: bool = True) -> None:
-    """`record` as <stem>.json and `lines` as <stem>.md (a bare stem goes into benchmarks/results/),
-    each written whole under a temporary name first; with `echo`, the markdown is printed too."""
-    stem = Path(stem) if os.sep in str(stem) else RESULTS / str(stem)
+    """`record` as <stem>.json and `lines` as <stem>.md (a name, str, goes into benchmarks/results/; a
+    Path is where it says), each written whole under a temporary name first; with `echo`, the markdown
+    is printed too."""
+    stem = stem if isinstance(stem, Path) else RESULTS / stem
     stem.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(record, indent=2) + "\n"), (".md", "\n".join(lines) + "\n")):
         path = stem.parent / (stem.name + suffix)

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import machine, write_results  # noqa: E402
 from benchmarks.train_throughput import matmul_peak  # noqa: E402
 from compress.demo import mnist1d, teacher_path  # noqa: E402
 from compress.fit import FitConfig  # noqa: E402
@@ -90,7 +90,6 @@ def main() -> None:
     out["best_at_most_150k"] = best
     out["best_mlp_up_to_1m"] = max((r["accuracy"] for r in rows if r["family"].startswith("MLP")
                                     and r["params"] <= 1_000_000), default=None)
-    RESULTS.mkdir(exist_ok=True)
     lines = [f"# Conv vs MLP students on MNIST-1D, {args.transfer:,} transfer samples", "",
              f"{out['machine']}; device {out['device']}; {epochs} epochs (~{args.steps} steps of 128) "
              f"each; teacher {100 * rows[0]['teacher_accuracy']:.1f}% on the standard test set. "

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import machine, write_results  # noqa: E402
 from compress.threads import CGROUP_ROOT, affinity  # noqa: E402
 
 CHILD = r"""
@@ -112,7 +112,6 @@ def main() -> None:
         lines.append(f"| {r['engine']} | {r['threads_capped']} | {r['samples_per_second_capped']:,.0f} | "
                      f"{r['threads_uncapped']} | {r['samples_per_second_uncapped']:,.0f} | "
                      f"{r['ratio']:.2f}x |")
-    RESULTS.mkdir(exist_ok=True)
     write_results("cpu_quota", result, lines)
 
 

@@ -122,7 +122,6 @@ def main() -> None:
     throughput = RESULTS / "train_throughput_cuda.json"
     record = {**info, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": steps,
               "train_throughput": json.loads(throughput.read_text()) if throughput.exists() else None}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     lines = [f"# gpu-check on {info['device']} ({info['memory_gib']} GiB), {record['when']}", "",
              f"torch {info['torch']} (CUDA {info['cuda']}), onnxruntime {info['onnxruntime']} "
              f"({', '.join(info['ort_providers'])}), Python {info['python']}", "",

@@ -120,7 +120,6 @@ def main() -> None:
     minutes = (time.perf_counter() - t_all) / 60
     result = {"machine": machine(), "transfer_samples": TRANSFER, "minutes": minutes,
               "best_shallow_on_labels": best_labels, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
     lines = ["# Do shallow nets need to be deep? MNIST-1D (Ba & Caruana 2014, Table 1)", "",
              f"Machine: {result['machine']}; whole benchmark {result['minutes']:.1f} min. Standard split: "
              f"4,000 labelled training samples, 1,000 test samples; SNN-MIMIC students on {TRANSFER:,} fresh "

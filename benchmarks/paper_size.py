@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import machine, write_results  # noqa: E402
 
 D, C, HIDDEN = 1845, 183, 512
 
@@ -149,7 +149,6 @@ def main() -> None:
               "seconds_per_stage": seconds, "files": r["files"],
               "peak_rss_before_stage_bytes": r["rss_before"], "rss_max_per_stage_bytes": r["rss_max"],
               "export_max_abs_diff": r["export_max_abs_diff"]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "paper_size" + (f"_batch{args.batch_size}" if args.batch_size != 128 else "")
     lines = [f"# The paper-size distill on {record['machine']} ({record['when']})", "",
              f"`{record['command']}`: D={D}, C={C}, {args.samples:,} samples, {r['weights']:,} student "

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import machine, write_results  # noqa: E402
 from compress.fit import FitConfig, fit  # noqa: E402
 from compress.student import StudentConfig  # noqa: E402
 
@@ -75,7 +75,6 @@ def main() -> None:
     result = {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "rows": args.rows, "block_rows": args.block, "input_dim": D, "classes": C,
               "batch_size": 256, "epochs": args.epochs, "configs": rows}
-    RESULTS.mkdir(exist_ok=True)
     lines = ["# Streamed training: reading the next block ahead\n", f"Machine: {result['machine']}, "
              f"torch {result['torch']}, {result['threads']} threads. {args.rows:,} rows of D={D} inputs and "
              f"C={C} logits in .npy memory maps (page cache), blocks of {args.block:,} rows, batch 256, "

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import machine, write_results  # noqa: E402
 
 CAP = 1536 * 2**20
 
@@ -120,7 +120,6 @@ def main() -> None:
         result = {"machine": machine(), "throughput": throughput(work), "memory_cap": memory_cap(work)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    RESULTS.mkdir(exist_ok=True)
     t, m = result["throughput"], result["memory_cap"]
     lines = ["# The logit cache at scale", "", f"Machine: {result['machine']}.", "",
              f"Throughput, MNIST-1D CNN teacher, {t['samples']:,} samples, batch 1024 (best of 3 each): "

