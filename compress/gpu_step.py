@@ -128,11 +128,11 @@ def portable(state: dict[str, Any]) -> dict[str, Any]:
 # A step of a small student on a GPU is bound by launching its kernels from Python (38-88 kernels,
 # 2.4-5.3 ms a step on an H100 whatever the batch up to 2,048), not by the GPU; replayed as one CUDA
 # graph the same step took 0.14-0.54 ms, 7.6-19x faster with identical losses, up to 2.8 GFLOP a step
-# (benchmarks/results/gpu_small_step.md; in the fit loop on an H200, the MNIST-1D conv students 11.4-11.7x,
-# benchmarks/results/train_throughput_cuda.md; the 8k-wide MLP student at batch 256, 6 GFLOP a step,
-# 7.5x). A step the GPU itself takes long enough over gains nothing: the paper-size student at batch
-# 128 (133 GFLOP a step) trained 0.85x as fast with the graph as without (same run, twice), so larger
-# steps run eagerly. Between 6 and 133 GFLOP: unmeasured.
+# (benchmarks/results/gpu_small_step.md; in the fit loop on an H200, the MNIST-1D conv students
+# 11.4-12.3x over two runs, benchmarks/results/train_throughput_cuda.md; the 8k-wide MLP student at
+# batch 256, 6 GFLOP a step, 7.5x). A step the GPU itself takes long enough over gains nothing: the
+# paper-size student at batch 128 (133 GFLOP a step) trained 0.85x as fast with the graph as without
+# (same run, twice), so larger steps run eagerly. Between 6 and 133 GFLOP: unmeasured.
 GRAPH_MAX_FLOP_PER_STEP = 10e9
 
 
