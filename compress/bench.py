@@ -118,7 +118,7 @@ def latency_of(fn: Any, sample: np.ndarray, batch_sizes: tuple[int, ...], budget
 def bench(paths: list[str | Path], batch_sizes: tuple[int, ...] = (1, 64, 256), provider: str = "cpu",
           threads: int | None = None, budget_s: float = 1.0) -> dict[str, Any]:
     """Latency of each model at each batch size, with what it ran on."""
-    from compress.exporters.onnx import onnx_size
+    from compress.onnxfiles import onnx_size
 
     models = []
     for p in paths:

@@ -17,7 +17,7 @@ def describe_onnx(path: Path, output: str | None) -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
 
-    from compress.exporters.onnx import onnx_size
+    from compress.onnxfiles import onnx_size
     from compress.teachers.onnx_teacher import (
         OnnxTeacher,
         onnx_param_count,

@@ -6,6 +6,7 @@ import torch
 
 from compress.errors import ExportError
 from compress.exporters import onnx as exporter
+from compress.onnxfiles import external_files
 from compress.student import StudentConfig, build_student
 from compress.teachers import Signature
 
@@ -61,7 +62,7 @@ def test_large_weights_go_beside_the_model_and_replace_cleanly(tmp_path, monkeyp
     x = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
     path = tmp_path / "s.onnx"
     big = exporter.export_onnx(model, cfg, sig, path, x, external_over=1000)
-    (data,) = exporter.external_files(path)
+    (data,) = external_files(path)
     assert data.parent == tmp_path and data.name.startswith("s.onnx.") and data.suffix == ".data"
     assert sorted(tmp_path.iterdir()) == sorted([path, data])  # no temporary folder left
     assert path.stat().st_size < 2000 < data.stat().st_size  # the weights are in the data file
@@ -72,7 +73,7 @@ def test_large_weights_go_beside_the_model_and_replace_cleanly(tmp_path, monkeyp
                                    rtol=1e-4, atol=1e-5)
 
     again = exporter.export_onnx(model, cfg, sig, path, x, external_over=1000)  # a new data file
-    (data2,) = exporter.external_files(path)
+    (data2,) = external_files(path)
     assert data2 != data and sorted(tmp_path.iterdir()) == sorted([path, data2])
     small = exporter.export_onnx(model, cfg, sig, path, x)  # self-contained again: the data file goes
     assert list(tmp_path.iterdir()) == [path] and small.size_bytes == path.stat().st_size
@@ -101,7 +102,7 @@ def test_precision_exports_of_large_weights(tmp_path, monkeypatch):
         out = tmp_path / f"{precision}-{method}" / "s.onnx"
         with fp32_file(exporter.student_to_onnx(model, cfg, sig)) as fp32:
             res = export_precision(fp32, out, precision, x, 0.9, method)
-        files = exporter.external_files(out)
+        files = external_files(out)
         if method == "weights":  # onnxruntime's quantizer decides for itself what goes beside
             assert len(files) == 1, (precision, method, sorted(out.parent.iterdir()))
         assert sorted(out.parent.iterdir()) == sorted([out, *files])  # nothing else, nothing stale
@@ -118,7 +119,7 @@ def test_a_student_over_2_gib_exports(tmp_path):
     sig = Signature("x", (1845,), "float32", "y", None)
     x = np.random.default_rng(0).standard_normal((64, 1845)).astype(np.float32)
     res = exporter.export_onnx(model, cfg, sig, tmp_path / "s.onnx", x)
-    (data,) = exporter.external_files(tmp_path / "s.onnx")
+    (data,) = external_files(tmp_path / "s.onnx")
     assert res.size_bytes > 2**31 and data.stat().st_size > 2**31 and res.max_abs_diff <= 1e-4
     assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "s.onnx", data])
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from compress.atomic import writing
 from compress.errors import ExportError
+from compress.onnxfiles import external_files, onnx_size
 from compress.student import StudentConfig
 
 if TYPE_CHECKING:
@@ -338,29 +339,6 @@ def save(proto: onnx.ModelProto, path: str | Path, external_over: int = EXTERNAL
         return
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=_data_name(path).name, size_threshold=0)
-
-
-def external_files(path: str | Path, model: onnx.ModelProto | None = None) -> list[Path]:
-    """The weight files an ONNX model names, beside it (none for a self-contained model). `model`:
-    the file already loaded (without its external data)."""
-    import onnx
-
-    path = Path(path)
-    if model is None:
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception:  # noqa: BLE001 - no file, or not an ONNX model: it names no weight files
-            return []
-    graph = model.graph
-    names = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
-    return [path.parent / n for n in sorted(names)]
-
-
-def onnx_size(path: str | Path, model: onnx.ModelProto | None = None) -> int:
-    """Bytes of the model file and of the weight files it names (those that are there). `model`: the
-    file already loaded (without its external data)."""
-    files = external_files(path, model)
-    return Path(path).stat().st_size + sum(f.stat().st_size for f in files if f.is_file())
 
 
 def write_checked(write: Callable[[Path], None], path: str | Path, check: Callable[[str], T]) -> T:

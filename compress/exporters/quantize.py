@@ -195,7 +195,7 @@ def _quantize(fp32_path: str, out_path: str, method: str, calibration: np.ndarra
               keep_fp32: list[str]) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    from compress.exporters.onnx import external_files
+    from compress.onnxfiles import external_files
 
     large = bool(external_files(fp32_path))  # weights beside the model in, weights beside it out
     if method == "dynamic":
@@ -267,7 +267,8 @@ def export_precision(fp32_path: str | Path, out_path: str | Path, precision: str
                      calibration: np.ndarray | None = None) -> dict[str, Any]:
     """Convert the fp32 ONNX file at `fp32_path`, check it against that file, and only then move it
     to `out_path`."""
-    from compress.exporters.onnx import onnx_size, write_checked
+    from compress.exporters.onnx import write_checked
+    from compress.onnxfiles import onnx_size
 
     if not 0.0 <= min_agreement <= 1.0:
         raise ConfigError(f"--min-agreement: must be between 0 and 1, got {min_agreement}")

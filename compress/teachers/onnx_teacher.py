@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from compress.errors import TeacherError
-from compress.exporters.onnx import onnx_size
+from compress.onnxfiles import onnx_size
 from compress.teachers import (
     Progress,
     Signature,
