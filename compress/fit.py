@@ -227,6 +227,71 @@ def _plan_gpu(cfg: StudentConfig, padded: StudentConfig, bs: int, n: int, stream
     return bs, stream_rows, eval_rows
 
 
+def _statistics(x_train: Any, z_train: Any, cfg: StudentConfig, fit_cfg: FitConfig,
+                notes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """What the student's inputs and targets are standardized by: the inputs' mean and spread (per
+    feature; per channel for a convolutional student; none for token ids) and the targets' per-class
+    mean and one overall scale. Constant features get a spread that makes them zero (a note says so)."""
+    d = cfg.input_dim
+    if cfg.vocab:  # token ids are indices, not measurements: nothing to standardize
+        mu, sd, ignored = np.zeros(0), np.ones(0), 0
+    else:
+        mu, sd = _moments(x_train, d)
+        if cfg.front:  # a convolution sees every position alike: one mean and spread per input channel
+            mu, sd = per_channel(mu, sd, cfg.sample_shape)
+        sd, ignored = robust_scale(sd)
+    if ignored:
+        notes.append(f"{ignored:,} of {d:,} input features are constant over the transfer data (spread "
+                     f"below {CONSTANT_BELOW:g} of the typical feature's): the student ignores them")
+    z_mean, z_sd = _moments(z_train, z_train.shape[1])  # (C,)
+    z_scale = float(np.sqrt((z_sd**2).mean())) or 1.0
+    if fit_cfg.loss == "ce":  # one-hot targets stay as they are
+        z_mean, z_scale = np.zeros_like(z_mean), 1.0
+    return mu, sd, z_mean, z_scale
+
+
+def _training_student(cfg: StudentConfig, padded: StudentConfig, device: torch.device) -> nn.Sequential:
+    """The student as it trains on `device`: classes (and, on a GPU, the rank) padded as `padded`
+    says, initialized as the real-size student would be."""
+    import torch
+
+    model = build_student(dataclasses.replace(padded, rank=cfg.rank))
+    if padded.rank > cfg.rank:  # the real-rank student's first weights, and padding units of zero
+        with torch.device("meta"):  # weights in and out (hence zero gradients throughout)
+            shell = build_student(padded)
+        shell.load_state_dict(gpu_step.with_rank(model.state_dict(), padded.rank), assign=True)
+        model = shell
+    model = model.to(device)
+    model.relu.inplace = True  # one activation buffer fewer per step
+    if gpu_step.fuse_relu_on(device):
+        gpu_step.fuse_hidden_relu(model)
+    return model
+
+
+def _schedule(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate over `total` steps: a linear warm-up over the first 3%, then a cosine to 0."""
+    import torch
+
+    warm = max(1, int(0.03 * total))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+
+
+def _real_student(model: nn.Module, cfg: StudentConfig) -> nn.Sequential:
+    """The trained (padded) student as the real-size one, on the CPU in float32, in eval mode; it takes
+    the trained tensors (no second copy of the student), the padding classes' rows dropped."""
+    import torch
+
+    real = slice(0, cfg.num_classes)
+    with torch.device("meta"):
+        student = build_student(cfg)
+    state = {k: v.float().cpu() for k, v in gpu_step.with_rank(model.state_dict(), cfg.rank).items()}
+    state["out.weight"] = state["out.weight"][real].clone()
+    state["out.bias"] = state["out.bias"][real].clone()
+    student.load_state_dict(state, assign=True)
+    return student.eval()
+
+
 def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: StudentConfig,
          fit_cfg: FitConfig, progress: FitProgress | None, stream_rows: int | None,
          checkpoint: str | None, resume: bool, world: Any, read_ahead: bool) -> FitResult:
@@ -243,21 +308,8 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     gen = torch.Generator(device="cpu").manual_seed(fit_cfg.seed)
     notes: list[str] = []
 
-    n, d = len(x_train), cfg.input_dim
-    if cfg.vocab:  # token ids are indices, not measurements: nothing to standardize
-        mu, sd, ignored = np.zeros(0), np.ones(0), 0
-    else:
-        mu, sd = _moments(x_train, d)
-        if cfg.front:  # a convolution sees every position alike: one mean and spread per input channel
-            mu, sd = per_channel(mu, sd, cfg.sample_shape)
-        sd, ignored = robust_scale(sd)
-    if ignored:
-        notes.append(f"{ignored:,} of {d:,} input features are constant over the transfer data (spread "
-                     f"below {CONSTANT_BELOW:g} of the typical feature's): the student ignores them")
-    z_mean, z_sd = _moments(z_train, z_train.shape[1])  # (C,)
-    z_scale = float(np.sqrt((z_sd**2).mean())) or 1.0
-    if fit_cfg.loss == "ce":  # one-hot targets stay as they are
-        z_mean, z_scale = np.zeros_like(z_mean), 1.0
+    n = len(x_train)
+    mu, sd, z_mean, z_scale = _statistics(x_train, z_train, cfg, fit_cfg, notes)
 
     def prep(x: Any, z: Any, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows a:b, standardized, as CPU tensors (the feed moves them), read a chunk at a time."""
@@ -291,17 +343,8 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     teacher_top = torch.from_numpy(np.asarray(z_val, dtype=np.float32)).argmax(dim=1).to(device)
     shift = torch.from_numpy((z_mean / z_scale).astype(np.float32)).to(device)
 
-    model = build_student(dataclasses.replace(padded, rank=cfg.rank))
-    if k_pad > cfg.rank:  # the real-rank student's first weights, and padding units of zero weights in
-        with torch.device("meta"):  # and out (hence zero gradients throughout)
-            shell = build_student(padded)
-        shell.load_state_dict(gpu_step.with_rank(model.state_dict(), k_pad), assign=True)
-        model = shell
-    model = model.to(device)
+    model = _training_student(cfg, padded, device)
     names = [name for name, _ in model.named_parameters()]
-    model.relu.inplace = True  # one activation buffer fewer per step
-    if gpu_step.fuse_relu_on(device):
-        gpu_step.fuse_hidden_relu(model)
     real = slice(0, cfg.num_classes)
     net = model
     if ranks > 1:
@@ -313,9 +356,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     steps_per_epoch = sum(math.ceil((b - a) / bs) for a, b in bounds)
     epochs = fit_cfg.epochs or auto_epochs(n, bs)
     total = epochs * steps_per_epoch
-    warm = max(1, int(0.03 * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+    sched = _schedule(opt, total)
     loss_fn = _loss_fn(fit_cfg, z_scale)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -447,14 +488,7 @@ def _fit(x_train: Any, z_train: Any, x_val: np.ndarray, z_val: np.ndarray, cfg: 
     if best[2] is not None:
         model.load_state_dict(best[2])
     best = (best[0], best[1], None)
-    with torch.device("meta"):  # the real-size student takes the trained tensors, no second copy
-        student = build_student(cfg)
-    state = {k: v.float().cpu() for k, v in gpu_step.with_rank(model.state_dict(), cfg.rank).items()}
-    state["out.weight"] = state["out.weight"][real].clone()  # the padding classes' rows dropped
-    state["out.bias"] = state["out.bias"][real].clone()
-    student.load_state_dict(state, assign=True)
-    del model, state
-    model = student.eval()
+    model = _real_student(model, cfg)
     _fold(model, mu, sd, z_mean, z_scale)
     return FitResult(model=model, epochs=epochs, best_epoch=best[1], seconds=seconds,
                      samples_per_second=seen * ranks / seconds, device=str(device), history=history,
