@@ -223,6 +223,45 @@ def _augmented(augment: tuple[str, int], x: Any, z: Any, train_idx: np.ndarray, 
     return np.concatenate([x_real, np.asarray(x_syn)]), np.concatenate([z[train_idx], np.asarray(z_syn)])
 
 
+def _check_files(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
+                 eval_data: str | Path | None, eval_labels: str | Path | None) -> None:
+    """The output folder, the files a run would write (none of them may be an input), the device, the
+    data's --key and a checkpoint to resume: checked before any teacher is loaded."""
+    out = Path(opts.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    writes = out_writes("--out", out, DISTILL_WRITES)
+    if opts.cache_dir is not None:
+        writes += out_writes("--out", opts.cache_dir, DISTILL_WRITES)
+    refuse_overwrite({"TEACHER": list(teachers), "--data": data, "--eval-data": eval_data,
+                      "--eval-labels": eval_labels}, writes)
+    check_device(opts.fit.device)
+    data_mod.check_key(opts.key, data, eval_data)
+    if opts.resume:
+        check_checkpoint(out / "checkpoint.pt")
+
+
+def _compare(teacher: Any, student: OnnxTeacher, extra: list[dict[str, Any]], xc: np.ndarray,
+             y_eval: np.ndarray | None, zt: np.ndarray,
+             opts: DistillOptions) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The teacher against the exported student on inputs xc (teacher logits zt, labels y_eval if any);
+    each extra export (fp16, int8) gets its accuracy, agreement and latency written into its entry.
+    Returns the comparison and, for an ensemble, each member's accuracy."""
+    from compress import evaluate as ev
+
+    cmp = ev.compare(teacher, student, xc, y_eval, zt, opts.latency_batches, opts.latency_budget_s)
+    for e in extra:
+        model = OnnxTeacher(e["path"], device=opts.fit.device)
+        ze = model.logits(xc)
+        e.update(accuracy=ev.accuracy(ze, y_eval), agreement=ev.agreement(ze, zt),
+                 latency_ms=ev.model_latency(model, xc[:256], opts.latency_batches,
+                                             opts.latency_budget_s))
+    members = [{"name": m.name, "output_kind": m.output_kind,
+                "accuracy": ev.accuracy(m.logits(xc), y_eval) if y_eval is not None else None}
+               for m in getattr(teacher, "members", [])]
+    return cmp, members
+
+
 def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
              eval_data: str | Path | None, eval_labels: str | Path | None,
              progress: StageProgress | None, held: contextlib.ExitStack) -> dict[str, Any] | None:
@@ -242,17 +281,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     # 1. check everything that can be checked cheaply
     augment = _check_options(teachers, opts, eval_data, eval_labels)
     out = Path(opts.out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")
-    writes = out_writes("--out", out, DISTILL_WRITES)
-    if opts.cache_dir is not None:
-        writes += out_writes("--out", opts.cache_dir, DISTILL_WRITES)
-    refuse_overwrite({"TEACHER": list(teachers), "--data": data, "--eval-data": eval_data,
-                      "--eval-labels": eval_labels}, writes)
-    check_device(opts.fit.device)
-    data_mod.check_key(opts.key, data, eval_data)
-    if opts.resume:
-        check_checkpoint(out / "checkpoint.pt")
+    _check_files(teachers, data, opts, eval_data, eval_labels)
     teacher = load_teacher(list(teachers), output=opts.output, device=opts.fit.device, arch=opts.arch,
                            trust_pickle=opts.trust_pickle)
     sig = teacher.signature
@@ -374,16 +403,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
         xc, zt = x_val, np.asarray(z[val_idx])
         source = "the held-out slice of the transfer data"
     student = OnnxTeacher(exp.path, device=opts.fit.device)
-    cmp = ev.compare(teacher, student, xc, y_eval, zt, opts.latency_batches, opts.latency_budget_s)
-    for e in extra:
-        model = OnnxTeacher(e["path"], device=opts.fit.device)
-        ze = model.logits(xc)
-        e.update(accuracy=ev.accuracy(ze, y_eval), agreement=ev.agreement(ze, zt),
-                 latency_ms=ev.model_latency(model, xc[:256], opts.latency_batches,
-                                             opts.latency_budget_s))
-    members = [{"name": m.name, "output_kind": m.output_kind,
-                "accuracy": ev.accuracy(m.logits(xc), y_eval) if y_eval is not None else None}
-               for m in getattr(teacher, "members", [])]
+    cmp, members = _compare(teacher, student, extra, xc, y_eval, zt, opts)
     report: dict[str, Any] = {
         "teacher": {**cmp["teacher"], "output": sig.output_name, "output_kind": teacher.output_kind,
                     **({"members": members} if members else {})},
