@@ -3,7 +3,8 @@
 FACTOR multiplies the training transfer set: `munge:20` adds 19 synthetic samples per real one. The
 synthetic samples are labelled by the teacher like real ones. They are written chunk by chunk to a
 memory-mapped `.npy`, so memory stays bounded whatever the factor. Inputs of any shape are treated
-as flat feature vectors and reshaped back.
+as flat feature vectors and reshaped back. For a teacher of integer inputs (uint8 pixels) the synthetic
+values are rounded and clipped to the type's range, and stored in it.
 
 - munge: Bucila, Caruana & Niculescu-Mizil, "Model Compression" (KDD 2006). For each sample e, its
   nearest neighbour e' (Euclidean, on standardized features; scikit-learn's NearestNeighbors); each
@@ -116,8 +117,10 @@ def generate(x: np.ndarray, method: str, factor: int, path: str | Path, seed: in
 
         z = (flat - flat.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
         nn_idx = NearestNeighbors(n_neighbors=2).fit(z).kneighbors(z, return_distance=False)[:, 1]
+    # a teacher of integer inputs (uint8 pixels) gets whole numbers in its type's range, held in that type
+    integer = np.iinfo(x.dtype) if x.dtype.kind in "iu" else None
     with atomic_path(path) as tmp:
-        out = new_memmap(tmp, (total, *x.shape[1:]), final=path)
+        out = new_memmap(tmp, (total, *x.shape[1:]), final=path, dtype=x.dtype.name if integer else "float32")
         view = out.reshape(total, -1)
         for start in range(0, total, _ROWS):
             stop = min(total, start + _ROWS)
@@ -130,6 +133,8 @@ def generate(x: np.ndarray, method: str, factor: int, path: str | Path, seed: in
             else:
                 lam = rng.random((rows.size, 1))
                 new = lam * flat[rows] + (1 - lam) * flat[rng.integers(0, n, rows.size)]
+            if integer is not None:
+                new = np.clip(np.rint(new), integer.min, integer.max)
             view[start:stop] = new
             if progress:
                 progress(stop, total)

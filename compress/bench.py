@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from compress.errors import ConfigError
-from compress.teachers.onnx_teacher import FLOAT_TYPES
+from compress.teachers.onnx_teacher import INPUT_TYPES
 from compress.tokens import INT_TYPES, feeds, names_and_dtypes
 
-_ORT_NP = {**FLOAT_TYPES, **INT_TYPES}  # FLOAT_TYPES: what bench makes random inputs for
+_ORT_NP = {**INPUT_TYPES, **INT_TYPES}  # INPUT_TYPES: what bench makes random inputs for
 
 
 def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None) -> Any:
@@ -76,7 +76,12 @@ def latency(sess: Any, sample: np.ndarray | None = None, batch_sizes: tuple[int,
         if not all(isinstance(d, int) for d in shape):
             raise ConfigError(f"model input '{inp.name}' has dynamic dimensions {inp.shape} besides "
                               "the batch axis; benchmark it with real inputs")
-        sample = np.random.default_rng(0).standard_normal((64, *shape))
+        rng = np.random.default_rng(0)
+        if np.dtype(dtype).kind in "iu":  # pixels or samples: anywhere in the type's range
+            info = np.iinfo(dtype)
+            sample = rng.integers(info.min, int(info.max) + 1, (64, *shape))
+        else:
+            sample = rng.standard_normal((64, *shape))
     sample = sample.astype(dtype)
     device = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
     result: dict[str, dict[str, Any]] = {}
@@ -137,9 +142,9 @@ def bench(paths: list[str | Path], batch_sizes: tuple[int, ...] = (1, 64, 256), 
             raise ConfigError(f"MODEL {p}: takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
                               "bench times models of one float input")
         inp = inputs[0]
-        if inp.type not in FLOAT_TYPES:
+        if inp.type not in INPUT_TYPES:
             raise ConfigError(f"MODEL {p}: input '{inp.name}' is {inp.type}; bench times models of one "
-                              "float input")
+                              "input of floats or small integers")
         dims = inp.shape
         if not isinstance(dims, list) or len(dims) < 2:
             raise ConfigError(f"MODEL {p}: input '{inp.name}' has shape {dims}, without a batch axis and "

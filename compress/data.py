@@ -12,6 +12,7 @@ import math
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -204,11 +205,13 @@ def open_inputs(
     what: str = "--data",
     key: str | None = None,
     inputs: tuple[str, ...] = (),
+    dtype: str = "float32",
 ) -> np.ndarray:
     """Open and check (non-empty, finite, right shape) inputs without reading them whole: a memory map
     or `Shards` for .npy files and folders. Rows are converted to float32 where they are used. With
     `inputs` (a token-id teacher's input names), the (N, I, L) int64 stack of an .npz's arrays of those
-    names, in memory (compress.tokens)."""
+    names, in memory (compress.tokens). `dtype`, the teacher's input type: an integer one (uint8
+    pixels) also needs whole numbers within its range (`check_integers`)."""
     if inputs:
         from compress.tokens import load_npz
 
@@ -216,6 +219,8 @@ def open_inputs(
     arr = load_array(path, what=what, key=key)
     arr = fit_shape(arr, sample_shape, path, what)
     check_finite(arr, path, what)
+    if np.dtype(dtype).kind in "iu":
+        check_integers(arr, np.dtype(dtype), path, what)
     return arr
 
 
@@ -226,13 +231,35 @@ def load_inputs(
     what: str = "--data",
     key: str | None = None,
     inputs: tuple[str, ...] = (),
+    dtype: str = "float32",
 ) -> np.ndarray:
-    """Load, check (non-empty, finite, right shape) and return float32 inputs held in memory (token
-    ids: see `open_inputs`)."""
-    arr = open_inputs(path, sample_shape, what=what, key=key, inputs=inputs)
+    """Load, check (non-empty, finite, right shape) and return inputs held in memory: float32, or the
+    teacher's own integer type when `dtype` is one (token ids: see `open_inputs`)."""
+    arr = open_inputs(path, sample_shape, what=what, key=key, inputs=inputs, dtype=dtype)
     if inputs:
         return arr
-    return np.ascontiguousarray(arr[0 : len(arr)], dtype=np.float32)
+    held = np.dtype(dtype) if np.dtype(dtype).kind in "iu" else np.float32
+    return np.ascontiguousarray(arr[0 : len(arr)], dtype=held)
+
+
+def check_integers(arr: Any, dtype: np.dtype, path: str | Path, what: str = "--data",
+                   chunk: int = _CHUNK_ROWS) -> None:
+    """That every value of `arr` is a whole number `dtype` holds (a uint8 teacher's pixels: 0 to 255),
+    read a chunk of rows at a time; DataError naming the file, the first bad value and its row if
+    not. An array of an integer type that fits needs no pass over it."""
+    info = np.iinfo(dtype)
+    if arr.dtype.kind in "iu" and np.iinfo(arr.dtype).min >= info.min and np.iinfo(arr.dtype).max <= info.max:
+        return
+    for a in range(0, len(arr), chunk):
+        rows = np.asarray(arr[a : a + chunk])
+        flat = rows.reshape(len(rows), -1)
+        bad = (flat < info.min) | (flat > info.max)
+        if arr.dtype.kind == "f":
+            bad |= np.floor(flat) != flat
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise DataError(f"{what} {path}: the teacher takes {dtype.name} inputs (whole numbers from "
+                            f"{info.min} to {info.max}), but row {a + r} holds {flat[r, c].item()!r}")
 
 
 def load_labels(path: str | Path, n_samples: int, *, what: str = "--eval-labels",

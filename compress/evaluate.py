@@ -45,7 +45,11 @@ def run_onnx(path: str | Path, x: np.ndarray, batch_size: int = 4096) -> np.ndar
 
         names, dtypes = names_and_dtypes(inputs)
         return run_batched(lambda b: sess.run(None, feeds(names, dtypes, b))[0], x, batch_size)
-    return run_batched(lambda b: sess.run(None, {inputs[0].name: b})[0], x, batch_size)
+    from compress.teachers.onnx_teacher import INPUT_TYPES
+
+    dtype = INPUT_TYPES.get(inputs[0].type, np.float32)  # the model's own type: float16, uint8 pixels
+    return run_batched(lambda b: sess.run(None, {inputs[0].name: b.astype(dtype, copy=False)})[0], x,
+                       batch_size)
 
 
 def model_latency(model: Any, sample: np.ndarray, batches: tuple[int, ...] = LATENCY_BATCHES,

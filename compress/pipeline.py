@@ -285,14 +285,15 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     teacher = load_teacher(list(teachers), output=opts.output, device=opts.fit.device, arch=opts.arch,
                            trust_pickle=opts.trust_pickle)
     sig = teacher.signature
-    dtype = np.int64 if sig.tokens else np.float32  # stacked token ids (compress.tokens), or features
+    dtype = sig.data_dtype  # stacked token ids (compress.tokens), the teacher's integers, or float32
     # not read yet (float inputs: a memory map or shards)
-    x = data_mod.open_inputs(data, sig.sample_shape, what="--data", key=opts.key, inputs=sig.inputs)
+    x = data_mod.open_inputs(data, sig.sample_shape, what="--data", key=opts.key, inputs=sig.inputs,
+                             dtype=sig.input_dtype)
     sample_shape = tuple(int(v) for v in x.shape[1:])
     x_eval = y_eval = None
     if eval_data is not None:
         x_eval = data_mod.load_inputs(eval_data, sample_shape if not sig.tokens else None, what="--eval-data",
-                                      key=opts.key, inputs=sig.inputs)
+                                      key=opts.key, inputs=sig.inputs, dtype=sig.input_dtype)
         if eval_labels is not None:
             y_eval = data_mod.load_labels(eval_labels, x_eval.shape[0])
     train_idx, val_idx = holdout_split(x.shape[0], opts.fit.seed)

@@ -144,9 +144,10 @@ def _check_upfront(teachers: list[str | Path], data: str | Path, todo: list[Stud
     teacher = load_teacher(list(teachers), output=opts.output, device="cpu", arch=opts.arch,
                            trust_pickle=opts.trust_pickle)
     inputs = teacher.signature.inputs
-    x = data_mod.open_inputs(data, teacher.signature.sample_shape, what="--data", key=opts.key, inputs=inputs)
+    x = data_mod.open_inputs(data, teacher.signature.sample_shape, what="--data", key=opts.key, inputs=inputs,
+                             dtype=teacher.signature.input_dtype)
     shape = tuple(int(v) for v in x.shape[1:])
-    classes = teacher.logits(np.asarray(x[0:1], dtype=np.int64 if inputs else np.float32)).shape[1]
+    classes = teacher.logits(np.asarray(x[0:1], dtype=teacher.signature.data_dtype)).shape[1]
     vocab = student_vocab(x, inputs, opts)
     for _, w, k, spec in todo:
         try:

@@ -157,7 +157,7 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
     teacher = load_teacher(list(teachers), output=output, device=device, arch=arch,
                            trust_pickle=trust_pickle)
     x = data_mod.open_inputs(data, teacher.signature.sample_shape, key=key,  # read chunk by chunk
-                             inputs=teacher.signature.inputs)
+                             inputs=teacher.signature.inputs, dtype=teacher.signature.input_dtype)
     key_ = cache_key(list(teachers), data, teacher.signature.output_name, x.shape[0])
     world = distributed.init()
     if world.size > 1:  # torchrun: each rank labels its shard, rank 0 writes
@@ -332,9 +332,12 @@ def export(student: Path, out_path: Path, data: Path | None, precision: str, min
     except (TypeError, ValueError):
         raise ConfigError(f"STUDENT {student}: its teacher signature is not readable") from None
     if data is not None:
-        x = data_mod.load_inputs(data, cfg.sample_shape)
+        x = data_mod.load_inputs(data, cfg.sample_shape, dtype=sig.input_dtype)
     elif "check_inputs" in meta:
         x = meta["check_inputs"]
+    elif np.dtype(sig.input_dtype).kind in "iu":  # pixels or samples: anywhere in the type's range
+        info = np.iinfo(sig.input_dtype)
+        x = np.random.default_rng(0).integers(info.min, int(info.max) + 1, (256, *cfg.sample_shape))
     else:
         x = np.random.default_rng(0).standard_normal((256, *cfg.sample_shape)).astype(np.float32)
     if precision == "fp32":
@@ -374,7 +377,8 @@ def compare(teacher: Path, student: Path, data: Path, labels: Path | None, outpu
     except TeacherError as e:  # the second model is the student: name it so
         msg = str(e)
         raise TeacherError("STUDENT" + msg[len("TEACHER"):] if msg.startswith("TEACHER") else msg) from None
-    x = data_mod.load_inputs(data, t.signature.sample_shape, key=key, inputs=t.signature.inputs)
+    x = data_mod.load_inputs(data, t.signature.sample_shape, key=key, inputs=t.signature.inputs,
+                             dtype=t.signature.input_dtype)
     y = data_mod.load_labels(labels, x.shape[0], what="--labels", data_what="--data") if labels else None
     report = run(t, s, x, y, batches=batches, labels_what=f"--labels {labels}")
     report["eval"]["source"] = f"--data {data.name}"

@@ -42,6 +42,15 @@ class Signature:
     def tokens(self) -> bool:
         return bool(self.inputs)
 
+    @property
+    def data_dtype(self) -> np.dtype:
+        """What the transfer data is held in: stacked int64 token ids; the teacher's own integers (uint8
+        pixels: exact, and a quarter of float32's memory); else float32 (the student's arithmetic)."""
+        if self.tokens:
+            return np.dtype(np.int64)
+        own = np.dtype(self.input_dtype)
+        return own if own.kind in "iu" else np.dtype(np.float32)
+
     @classmethod
     def from_dict(cls, d: dict) -> Signature:
         shape = d.get("sample_shape")

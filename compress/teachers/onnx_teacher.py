@@ -1,6 +1,9 @@
 """ONNX teachers, run by onnxruntime (the CUDA provider only when a GPU is really there).
 
-One float input. The output is the first float tensor output (or `output`); a model with no float
+One input of measurements: floats, or the integers of raw pixels and samples (uint8, int8, uint16,
+int16: `INTEGER_TYPES`), which the student takes as they are and casts to float in its first node; wider
+integers are token ids (compress.tokens) or categories, which a student cannot take as quantities. The
+output is the first float tensor output (or `output`); a model with no float
 tensor output but a ZipMap (scikit-learn via skl2onnx: a sequence of {class: probability} maps) uses
 that. Label outputs (integer tensors) are ignored. A batch size baked into the model is honoured by
 running chunks of exactly that size, the last one padded.
@@ -28,6 +31,10 @@ from compress.teachers import (
 from compress.tokens import feeds, names_and_dtypes, roles, token_teacher
 
 FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+# integer inputs that hold quantities (an image's pixels, an audio clip's samples), read as numbers
+INTEGER_TYPES = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(uint16)": np.uint16,
+                 "tensor(int16)": np.int16}
+INPUT_TYPES = {**FLOAT_TYPES, **INTEGER_TYPES}
 PROBABILITY_OPS = {"Softmax", "Normalizer", "ZipMap"}  # graph nodes whose output is probabilities
 
 
@@ -142,15 +149,16 @@ class OnnxTeacher:
             raise TeacherError(f"TEACHER {self.path}: has {len(inputs)} inputs {names}; compress needs "
                                "one float input (export the model with the other inputs fixed)")
         inp = inputs[0]
-        if inp.type not in FLOAT_TYPES:
-            raise TeacherError(f"TEACHER {self.path}: input '{inp.name}' is {inp.type}; compress needs a "
-                               "float input (token ids or categories need their embedding in the student)")
+        if inp.type not in INPUT_TYPES:
+            raise TeacherError(f"TEACHER {self.path}: input '{inp.name}' is {inp.type}; compress needs "
+                               "floats or small integers (uint8/int8/uint16/int16: pixels, samples) there; "
+                               "token ids or categories need their embedding in the student")
         dims = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
         if not dims:
             raise TeacherError(f"TEACHER {self.path}: input '{inp.name}' is a scalar; expected a batch")
         out = pick_output(self.session.get_outputs(), output, self.path)
         return Signature(input_name=inp.name, sample_shape=tuple(dims[1:]),
-                         input_dtype=np.dtype(FLOAT_TYPES[inp.type]).name, output_name=out.name,
+                         input_dtype=np.dtype(INPUT_TYPES[inp.type]).name, output_name=out.name,
                          batch=dims[0])
 
     def _token_signature(self, inputs: list[Any], output: str | None) -> Signature:
