@@ -311,7 +311,9 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     if augment:
         _check_augment(augment, sig.tokens, opts)
     budget = opts.memory_budget or default_memory_budget()
-    row_bytes = np.dtype(dtype).itemsize * cfg.input_dim + 4 * cfg.num_classes  # inputs and logits
+    # inputs and logits of a row, at float32's 4 bytes a feature at least: uint8 pixels are held as they
+    # are, but training holds them standardized in float32 (as float inputs are: the same plan)
+    row_bytes = max(np.dtype(dtype).itemsize, 4) * cfg.input_dim + 4 * cfg.num_classes
     factor = augment[1] if augment else 1
     streamed = len(x) * factor * row_bytes > budget
     if streamed and augment:
