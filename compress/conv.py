@@ -238,6 +238,21 @@ class MaxPool(nn.Module):
         return f"window={self.window}, channels last" + (", then ReLU" if self.relu else "")
 
 
+class ChannelsFirst(nn.Module):
+    """A channels-last sample (N, *S, C), or its flat rows (N, D) as training feeds them, as the
+    channels-first (N, C, *S) view the student's layer list and ONNX graph take (no copy)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.shape).movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.shape} -> channels first"
+
+
 class ChannelsFirstFlatten(nn.Module):
     """(N, *S, C) -> (N, C * prod(S)) in channels-first order: the order of the ONNX graph's Flatten
     of (N, C, *S), which the bottleneck's weights follow."""

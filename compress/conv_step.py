@@ -158,12 +158,15 @@ class ConvStep(ThreadedStep):
             elif isinstance(layer, nn.ReLU):
                 h = rec(torch.relu_, h)
                 tape.append(("relu", slot, h))
-            elif isinstance(layer, nn.Unflatten):
+            elif isinstance(layer, (nn.Unflatten, conv.ChannelsFirst)):
                 h = layer(h)  # a view
             else:  # the input's standardization, (x - mean) * scale, channels last
                 mean, scale = layer.mean, layer.scale
                 std = new("std", (rows, *mean.shape))
-                rec(torch.sub, h.view(rows, *mean.shape), mean, out=std)
+                seen = h.reshape(rows, *mean.shape)  # the input's own memory, or every replay reads this copy
+                if seen.untyped_storage().data_ptr() != prog.x.untyped_storage().data_ptr():
+                    raise RuntimeError("ConvStep: the standardization must read the input buffer itself")
+                rec(torch.sub, seen, mean, out=std)
                 rec(torch.Tensor.mul_, std, scale)
                 h = std
                 if std.dim() > 2:

@@ -47,6 +47,7 @@ class DistillOptions:
     width: int = 8000  # H
     rank: int | None = None  # k; None: min(250, D // 2)
     student: str | None = None  # the paper's notation (64c-p-1200L-30k); replaces width and rank
+    layout: str = "auto"  # where a conv student finds the channels: auto, first, last (student.LAYOUTS)
     out_dir: str = "compress-out"
     fit: FitConfig = field(default_factory=FitConfig)
     output: str | None = None  # the teacher output to use; None: its first float output
@@ -302,7 +303,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     if not sig.tokens and (opts.ngrams > 1 or opts.buckets):
         raise ConfigError(f"--ngrams/--buckets: for token-id teachers; {teacher.name} takes float inputs")
     cfg = student_config(sample_shape, probe.shape[1], opts.width, opts.rank, opts.student, vocab,
-                         sig.inputs, opts.ngrams, opts.buckets)
+                         sig.inputs, opts.ngrams, opts.buckets, opts.layout)
     for p in opts.precisions:
         refuse_too_large(cfg, p)
     if sig.tokens and opts.quantize != "weights" and "int8" in opts.precisions:
@@ -464,7 +465,8 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
                         "logits per --data sample")
     data_mod.check_finite(z, targets, what="--targets")
     train_idx, val_idx = holdout_split(len(x), opts.fit.seed)
-    cfg = student_config(tuple(int(v) for v in x.shape[1:]), z.shape[1], opts.width, opts.rank, opts.student)
+    cfg = student_config(tuple(int(v) for v in x.shape[1:]), z.shape[1], opts.width, opts.rank, opts.student,
+                         layout=opts.layout)
     check_memory(cfg, opts.fit, 0)  # the data is in memory already
     out = Path(opts.out_dir)
     try:

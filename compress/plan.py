@@ -51,11 +51,15 @@ NGRAM_BUCKETS = 100_000  # default hash rows for --ngrams 2 or 3 (fastText takes
 def student_config(sample_shape: tuple[int, ...], num_classes: int, width: int,
                    rank: int | None, spec: str | None = None, vocab: int = 0,
                    inputs: tuple[str, ...] = (), ngrams: int = 1,
-                   buckets: int | None = None) -> StudentConfig:
+                   buckets: int | None = None, layout: str = "auto") -> StudentConfig:
     """The student for this teacher: from `spec` (the paper's notation) when given, else width and
     rank (None: default_rank of the input). With `vocab`, a token-id student (compress.tokens) over
-    the teacher's `inputs`: the rank is its embedding size (TOKEN_RANK when not given)."""
-    from compress.student import parse_spec
+    the teacher's `inputs`: the rank is its embedding size (TOKEN_RANK when not given). `layout`: where
+    a conv student finds the channels (compress.student.channels_last)."""
+    from compress.student import LAYOUTS, channels_last, parse_spec
+
+    if layout not in LAYOUTS:
+        raise ConfigError(f"--layout {layout}: must be one of {', '.join(LAYOUTS)}")
 
     front: tuple[tuple[str, int, int], ...] = ()
     if spec is not None:
@@ -71,7 +75,10 @@ def student_config(sample_shape: tuple[int, ...], num_classes: int, width: int,
             said = f"--student {spec or cfg.spec}"
             raise ConfigError(str(e).replace(f"--student {cfg.spec}", said)) from None
         return cfg
-    probe = StudentConfig(tuple(sample_shape), num_classes, width, 0, front)
+    last = bool(front) and len(sample_shape) > 1 and channels_last(tuple(sample_shape), layout)
+    if layout == "last" and front and len(sample_shape) == 1:
+        raise ConfigError(f"--layout last: samples of shape {tuple(sample_shape)} have no channel axis")
+    probe = StudentConfig(tuple(sample_shape), num_classes, width, 0, front, channels_last=last)
     try:
         probe.validate()  # shapes through the convolutions and pooling: a bad token is named here
     except ConfigError as e:  # named as the user wrote it, not as normalized (8c -> 8c3)
@@ -83,7 +90,7 @@ def student_config(sample_shape: tuple[int, ...], num_classes: int, width: int,
         raise ConfigError(f"{option}: a bottleneck of {k} is larger than the {d} features it reads; a "
                           "bottleneck wider than its input saves nothing (use a rank below it, or 0 for "
                           "none)")
-    cfg = StudentConfig(tuple(sample_shape), num_classes, width, k, front)
+    cfg = StudentConfig(tuple(sample_shape), num_classes, width, k, front, channels_last=last)
     cfg.validate()
     return cfg
 

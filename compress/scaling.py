@@ -21,6 +21,8 @@ def _fold(model: nn.Sequential, mu: np.ndarray, sd: np.ndarray, z_mean: np.ndarr
 
     with torch.no_grad():
         if hasattr(model, "norm"):  # a convolutional student standardizes inside the model: exact
+            if hasattr(model, "transpose"):  # mu, sd in the data's channels-last order; the norm's first
+                mu, sd = (np.moveaxis(a.reshape(model.transpose.shape), -1, 0).reshape(-1) for a in (mu, sd))
             model.norm.mean.copy_(torch.from_numpy(mu).float().view_as(model.norm.mean))
             model.norm.scale.copy_(torch.from_numpy(1.0 / sd).float().view_as(model.norm.scale))
             mu, sd = np.zeros_like(mu[:0]), np.ones_like(sd[:0])

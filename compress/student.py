@@ -41,8 +41,9 @@ POOL_WINDOW = 2  # `p` alone: max pooling over 2 (or 2x2), stride the same
 
 @dataclass(frozen=True)
 class Layer:
-    """One layer of a student, with its shapes per sample (no batch axis). `kind`: norm, unsqueeze,
-    conv, pool, flatten, bottleneck, hidden, out (the ReLUs after conv and hidden are implied)."""
+    """One layer of a student, with its shapes per sample (no batch axis). `kind`: transpose, norm,
+    unsqueeze, conv, pool, flatten, bottleneck, hidden, out (the ReLUs after conv and hidden are
+    implied)."""
 
     kind: str
     name: str  # the module's name in the torch Sequential and the prefix of its weights
@@ -71,6 +72,9 @@ class StudentConfig:
     inputs: tuple[str, ...] = ()
     ngrams: int = 1  # token students: n-grams up to this n join the bag, hashed into `buckets` rows
     buckets: int = 0
+    # A conv student of a teacher whose samples hold their channels last, (H, W, C) or (L, C), as
+    # Keras / TensorFlow models converted to ONNX take them: the first layer moves them first.
+    channels_last: bool = False
 
     @property
     def input_dim(self) -> int:
@@ -100,7 +104,7 @@ class StudentConfig:
         front = tuple((str(t[0]), int(t[1]), int(t[2])) for t in d.get("front", []))
         return cls(tuple(int(v) for v in d["sample_shape"]), int(d["num_classes"]), int(d["width"]),
                    int(d["rank"]), front, int(d.get("vocab", 0)), tuple(str(n) for n in d.get("inputs", ())),
-                   int(d.get("ngrams", 1)), int(d.get("buckets", 0)))
+                   int(d.get("ngrams", 1)), int(d.get("buckets", 0)), bool(d.get("channels_last", False)))
 
     def validate(self) -> None:
         if self.width < 1:
@@ -120,6 +124,12 @@ class StudentConfig:
             if len(shape) not in (1, 2, 3):
                 raise ConfigError(f"--student {self.spec}: convolution needs a teacher input of shape (L,), "
                                   f"(C, L) or (C, H, W); this teacher's samples are {shape}")
+            if self.channels_last:
+                if len(shape) == 1:
+                    raise ConfigError(f"--layout last: samples of shape {shape} have no channel axis")
+                moved = (shape[-1], *shape[:-1])
+                out.append(Layer("transpose", "transpose", shape, moved))
+                shape = moved
             out.append(Layer("norm", "norm", shape, shape))
             if len(shape) == 1:
                 out.append(Layer("unsqueeze", "unsqueeze", shape, (1, shape[0])))
@@ -168,10 +178,29 @@ class StudentConfig:
                 Layer("out", "out", (h,), (c,), c, 0, h * c + c, 2 * h * c))
 
 
-def conv_kind(sample_shape: tuple[int | None, ...] | None) -> str:
+LAYOUTS = ("auto", "first", "last")  # --layout: where a conv student finds the channels of a sample
+
+
+def channels_last(sample_shape: tuple[int, ...], layout: str = "auto") -> bool:
+    """Whether a conv student reads the channels of these samples from their last axis. `auto`: for
+    (H, W, C) images whose last axis is 1, 3 or 4 (grey, RGB, RGBA) and whose first is not (a Keras /
+    TensorFlow model's NHWC input); `first`/`last` as said. A (C, L) / (L, C) signal is channels first
+    unless --layout last says otherwise: nothing in two sizes tells them apart."""
+    if layout == "auto":
+        return len(sample_shape) == 3 and sample_shape[-1] in (1, 3, 4) and sample_shape[0] not in (1, 3, 4)
+    return layout == "last"
+
+
+def conv_kind(sample_shape: tuple[int | None, ...] | None, layout: str = "auto") -> str:
     """What a conv token (`<N>c`) means for a teacher with samples of this shape (`compress inspect`)."""
     if sample_shape is None or any(not isinstance(v, int) or v < 1 for v in sample_shape):
-        return "decided by the data's sample shape: (C, H, W) 2-D, (C, L) 1-D, (L,) 1-D over one channel"
+        return ("decided by the data's sample shape: (C, H, W) 2-D, (C, L) 1-D, (L,) 1-D over one channel; "
+                "(H, W, C) with C of 1, 3 or 4 is channels last (--layout)")
+    shape = tuple(int(v) for v in sample_shape)  # type: ignore[arg-type]
+    if len(shape) in (2, 3) and channels_last(shape, layout):
+        c, *s = shape[-1], *shape[:-1]
+        return (f"{len(s)}-D over {c} channel(s) of {'x'.join(map(str, s))}, channels last (moved first in "
+                "the student's first node; --layout first to read them as (C, ...))")
     if len(sample_shape) == 3:
         return f"2-D over {sample_shape[0]} channel(s) of {sample_shape[1]}x{sample_shape[2]}"
     if len(sample_shape) == 2:
@@ -297,6 +326,8 @@ def build_student(cfg: StudentConfig) -> torch.nn.Sequential:
             layers["norm"] = _standardize_class()(layer.in_shape)  # identity until fit sets it
         elif layer.kind == "unsqueeze":
             layers["unsqueeze"] = nn.Unflatten(1, (layer.in_shape[0], 1))  # (N, L) -> (N, L, 1)
+        elif layer.kind == "transpose":  # (N, *S, C) -> (N, C, *S), a view
+            layers["transpose"] = conv.ChannelsFirst(layer.in_shape)
         elif layer.kind == "conv":  # + its ReLU
             layers[layer.name] = conv.Conv(layer.in_shape[0], layer.size, layer.kernel,
                                            len(layer.in_shape) - 1, relu=not pooled)

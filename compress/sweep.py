@@ -49,7 +49,7 @@ def train_on_labels(data: str | Path, labels: str | Path, width: int, rank: int 
     if inputs and not rank:  # a text student always has its bag: the grid's rank-0 baseline gets the default
         rank = None
     cfg = student_config(tuple(int(v) for v in x.shape[1:]), classes, width, rank, spec,
-                         student_vocab(x, inputs, opts), inputs, opts.ngrams, opts.buckets)
+                         student_vocab(x, inputs, opts), inputs, opts.ngrams, opts.buckets, opts.layout)
     res = fit(x[train_idx], onehot[train_idx], x[val_idx], onehot[val_idx], cfg,
               dataclasses.replace(opts.fit, loss="ce"))
     acc = None
@@ -151,7 +151,8 @@ def _check_upfront(teachers: list[str | Path], data: str | Path, todo: list[Stud
     vocab = student_vocab(x, inputs, opts)
     for _, w, k, spec in todo:
         try:
-            cfg = student_config(shape, classes, w, k, spec, vocab, inputs, opts.ngrams, opts.buckets)
+            cfg = student_config(shape, classes, w, k, spec, vocab, inputs, opts.ngrams, opts.buckets,
+                                 opts.layout)
         except ConfigError as e:
             raise ConfigError(str(e).replace("--rank:", "--ranks:", 1)) from None
         check_memory(cfg, opts.fit, 0, option="--students" if spec else "--widths")

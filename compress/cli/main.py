@@ -87,8 +87,9 @@ def say_notes(report: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
 def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_labels: Path | None,
             out_dir: Path, output: str | None, arch: str | None, trust_pickle: bool, key: str | None,
-            width: int, rank: int | None, student_spec: str | None, epochs: int | None, batch_size: int,
-            lr: float, loss: str, temperature: float, device: str, seed: int, engine: str, precision: str,
+            width: int, rank: int | None, student_spec: str | None, layout: str, epochs: int | None,
+            batch_size: int, lr: float, loss: str, temperature: float, device: str, seed: int, engine: str,
+            precision: str,
             min_agreement: float,
             quantize: str, augment: str | None, memory_budget: int | None, resume: bool,
             bench_seconds: float, vocab_size: int | None, ngrams: int, buckets: int | None,
@@ -103,7 +104,8 @@ def distill(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval
 
     check_student_spec(click.get_current_context(), student_spec)
     opts = DistillOptions(
-        width=width, rank=rank, student=student_spec, out_dir=str(out_dir), output=output, key=key,
+        width=width, rank=rank, student=student_spec, layout=layout, out_dir=str(out_dir), output=output,
+        key=key,
         precisions=parse_precisions(precision), min_agreement=min_agreement, quantize=quantize,
         arch=arch, trust_pickle=trust_pickle, latency_budget_s=bench_seconds, augment=augment,
         memory_budget=memory_budget, resume=resume, vocab_size=vocab_size, mask_id=mask_id,
@@ -184,6 +186,8 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
 @click.option("--students", default=None, metavar="SPEC,SPEC,...",
               help="Students in the paper's notation instead of the --widths x --ranks grid "
                    "(e.g. 32c5-p-4k,64L-8k).")
+@click.option("--layout", type=click.Choice(["auto", "first", "last"]), default="auto", show_default=True,
+              help="Where conv students find a sample's channels (as distill's --layout).")
 @click.option("--out", "out_dir", default="compress-sweep", show_default=True,
               type=click.Path(path_type=Path), help="Output folder (one subfolder per student).")
 @teacher_options
@@ -196,8 +200,8 @@ def targets(teachers: tuple[Path, ...], data: Path, out_path: Path, output: str 
               help="Keep the students an interrupted sweep finished; continue the one it was training.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_labels: Path | None,
-          train_labels: Path | None, widths: str, ranks: str, students: str | None, out_dir: Path,
-          output: str | None,
+          train_labels: Path | None, widths: str, ranks: str, students: str | None, layout: str,
+          out_dir: Path, output: str | None,
           arch: str | None, trust_pickle: bool, key: str | None, epochs: int | None, seed: int,
           bench_seconds: float, resume: bool, as_json: bool) -> None:
     """Distill one student per (width, rank) from one logit cache; table and accuracy-vs-parameters figure."""
@@ -217,7 +221,7 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
     rs = [0 if r is None else r for r in parse_list(ranks, RankType(), "'--ranks'")]
     opts = DistillOptions(out_dir=str(out_dir), output=output, arch=arch, trust_pickle=trust_pickle,
                           key=key, fit=FitConfig(epochs=epochs, seed=seed), latency_budget_s=bench_seconds,
-                          latency_batches=(1,), resume=resume)
+                          latency_batches=(1,), resume=resume, layout=layout)
     done = {"done": 0, "total": len(ws) * len(rs) + (len(ws) if train_labels else 0)}
 
     def hint(started: float) -> str | None:
@@ -259,7 +263,7 @@ def sweep(teachers: tuple[Path, ...], data: Path, eval_data: Path | None, eval_l
 @click.option("--resume", is_flag=True, help="Continue an interrupted fit from --out/checkpoint.pt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, input_name: str,
-                output_name: str, width: int, rank: int | None, student_spec: str | None,
+                output_name: str, width: int, rank: int | None, student_spec: str | None, layout: str,
                 epochs: int | None, batch_size: int,
                 lr: float, loss: str, temperature: float, device: str, seed: int, engine: str, resume: bool,
                 as_json: bool) -> None:
@@ -268,8 +272,8 @@ def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, 
     from compress.pipeline import DistillOptions, fit_targets
 
     check_student_spec(click.get_current_context(), student_spec)
-    opts = DistillOptions(width=width, rank=rank, student=student_spec, out_dir=str(out_dir), key=key,
-                          resume=resume,
+    opts = DistillOptions(width=width, rank=rank, student=student_spec, layout=layout, out_dir=str(out_dir),
+                          key=key, resume=resume,
                           fit=FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                                         temperature=temperature, device=device, seed=seed,
                                         engine=engine))

@@ -112,6 +112,11 @@ def fit_options(f: Any) -> Any:
                      help="The student in the paper's notation, input to output: 64c-p-1200L-30k "
                           "(conv, pooling, bottleneck, width), 250L-400k (= --width 400k --rank 250). "
                           "Not with --width/--rank."),
+        click.option("--layout", type=click.Choice(["auto", "first", "last"]), default="auto",
+                     show_default=True,
+                     help="Where a conv student finds a sample's channels: first (C, H, W) / (C, L), last "
+                          "(H, W, C) / (L, C) as Keras and TensorFlow models take them, or auto (last for "
+                          "(H, W, C) images with 1, 3 or 4 channels, else first)."),
         click.option("--epochs", type=EPOCHS, default=None,
                      help="Passes over the transfer data [default: about 4,000 steps, 10..300]."),
         click.option("--batch-size", type=BATCH, default=d.batch_size, show_default=True,

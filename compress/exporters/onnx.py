@@ -125,6 +125,10 @@ def _graph(inits: list[onnx.TensorProto], cfg: StudentConfig, sig: Signature) ->
         elif layer.kind == "norm":  # (x - mean) * scale, exact at the convolutions' padded borders
             nodes.append(helper.make_node("Sub", [src, v + ".mean"], [v + "_centred"], name="norm_sub"))
             nodes.append(helper.make_node("Mul", [v + "_centred", v + ".scale"], [v + "_out"], name="norm"))
+        elif layer.kind == "transpose":  # (N, *S, C) -> (N, C, *S): channels first, as Conv takes them
+            last = len(layer.in_shape)
+            nodes.append(helper.make_node("Transpose", [src], [v + "_out"], name=name,
+                                          perm=[0, last, *range(1, last)]))
         elif layer.kind == "unsqueeze":  # (N, L) -> (N, 1, L): one channel
             extra.append(helper.make_tensor(v + ".axes", TensorProto.INT64, [1], [1]))
             nodes.append(helper.make_node("Unsqueeze", [src, v + ".axes"], [v + "_out"], name=name))
