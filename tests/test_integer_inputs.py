@@ -149,3 +149,30 @@ def test_augmented_pixels_stay_pixels(tmp_path):
         made = generate(x, method, 3, tmp_path / f"{method}.npy", seed=0)
         assert made.dtype == np.uint8 and made.shape == (100, 1, 4, 4)
         assert made.astype(np.float64).std() > 0  # not all clipped to one value
+
+
+def test_float16_teacher_with_static_int8(tmp_path, digits):
+    """A teacher of float16 inputs: the calibration (and every other run of an export) feeds float16."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["xf", "w"], ["logits"])]
+    x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 64])
+    y_out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])
+    graph = helper.make_graph(nodes, "t", [x_in], [y_out], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "f16.onnx")
+    np.save(tmp_path / "x.npy", digits["x"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["distill", str(tmp_path / "f16.onnx"), "--data",
+                                      str(tmp_path / "x.npy"), "--out", str(out), "--width", "256", "--rank",
+                                      "16", "--epochs", "5",
+                                      "--precision", "fp16,int8", "--quantize", "static", "--bench-seconds",
+                                      "0.05", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {e["precision"] for e in report["exports"]} == {"fp16", "int8"}
+    for name in ("student.onnx", "student.fp16.onnx", "student.int8.onnx"):
+        assert ort.InferenceSession(str(out / name)).get_inputs()[0].type == "tensor(float16)"

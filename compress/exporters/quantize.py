@@ -162,11 +162,12 @@ def _quiet_root_logger() -> Iterator[None]:
 
 
 class _Calibration:
-    """onnxruntime's CalibrationDataReader protocol over an array of inputs."""
+    """onnxruntime's CalibrationDataReader protocol over an array of inputs, fed as `dtype` (the model
+    input's own type: float16, uint8 pixels)."""
 
-    def __init__(self, name: str, x: np.ndarray, batch: int = 64):
+    def __init__(self, name: str, x: np.ndarray, dtype: np.dtype, batch: int = 64):
         self.batches: Iterator[dict[str, np.ndarray]] = (
-            {name: np.ascontiguousarray(x[i : i + batch])} for i in range(0, x.shape[0], batch))
+            {name: np.ascontiguousarray(x[i : i + batch], dtype=dtype)} for i in range(0, x.shape[0], batch))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.batches, None)
@@ -204,7 +205,10 @@ def _quantize(fp32_path: str, out_path: str, method: str, calibration: np.ndarra
     elif method == "static":
         if calibration is None:
             raise ConfigError("--quantize static: needs calibration inputs (--data)")
-        reader = _Calibration(graph.input[0].name, calibration[:_CALIBRATION_SAMPLES])
+        from onnx import helper
+
+        dtype = helper.tensor_dtype_to_np_dtype(graph.input[0].type.tensor_type.elem_type)
+        reader = _Calibration(graph.input[0].name, calibration[:_CALIBRATION_SAMPLES], dtype)
         quantize_static(fp32_path, out_path, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=keep_fp32, use_external_data_format=large,
