@@ -340,8 +340,8 @@ def export(student: Path, out_path: Path, data: Path | None, precision: str, min
     elif "check_inputs" in meta:
         x = meta["check_inputs"]
     elif np.dtype(sig.input_dtype).kind in "iu":  # pixels or samples: anywhere in the type's range
-        info = np.iinfo(sig.input_dtype)
-        x = np.random.default_rng(0).integers(info.min, int(info.max) + 1, (256, *cfg.sample_shape))
+        limits = np.iinfo(sig.input_dtype)
+        x = np.random.default_rng(0).integers(limits.min, int(limits.max) + 1, (256, *cfg.sample_shape))
     else:
         x = np.random.default_rng(0).standard_normal((256, *cfg.sample_shape)).astype(np.float32)
     if precision == "fp32":
