@@ -458,7 +458,11 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
     data_mod.check_key(opts.key, data)
     if opts.resume:
         check_checkpoint(Path(opts.out_dir) / "checkpoint.pt")
-    x = data_mod.load_inputs(data, None, what="--data", key=opts.key)
+    raw = data_mod.open_inputs(data, None, what="--data", key=opts.key)
+    # pixels stored as uint8 (int8, uint16, int16) came from a teacher of that input: the student takes
+    # them as it did (compress.teachers.onnx_teacher.INTEGER_TYPES); any float data gives a float32 input
+    input_dtype = raw.dtype.name if raw.dtype.name in ("uint8", "int8", "uint16", "int16") else "float32"
+    x = np.ascontiguousarray(raw[0 : len(raw)], dtype=np.float32)
     z = np.asarray(data_mod.load_array(targets, what="--targets"), dtype=np.float32)
     if z.ndim != 2 or len(z) != len(x):
         raise DataError(f"--targets {targets}: shape {z.shape}; expected ({len(x)}, classes), one row of "
@@ -474,12 +478,13 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     with exclusive(out / LOCK, f"--out {out}") if distributed.is_rank0() else contextlib.nullcontext():
-        return _fit_targets(x, z, train_idx, val_idx, cfg, out, opts, input_name, output_name, say)
+        return _fit_targets(x, z, train_idx, val_idx, cfg, out, opts, input_name, output_name, input_dtype,
+                            say)
 
 
 def _fit_targets(x: np.ndarray, z: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
                  cfg: StudentConfig, out: Path, opts: DistillOptions, input_name: str, output_name: str,
-                 say: Callable[..., None]) -> dict[str, Any] | None:
+                 input_dtype: str, say: Callable[..., None]) -> dict[str, Any] | None:
     """fit_targets() once its inputs are read and its folder is locked."""
     from compress import distributed
     from compress import evaluate as ev
@@ -496,7 +501,7 @@ def _fit_targets(x: np.ndarray, z: np.ndarray, train_idx: np.ndarray, val_idx: n
         distributed.finish(world)
         return None
     say("export")
-    sig = Signature(input_name, cfg.sample_shape, "float32", output_name, None)
+    sig = Signature(input_name, cfg.sample_shape, input_dtype, output_name, None)
     save_student(result.model, cfg, str(out / "student.pt"), {"signature": dataclasses.asdict(sig)},
                  check_inputs=x[val_idx[:256]])
     exp = export_onnx(result.model, cfg, sig, out / "student.onnx", x[val_idx])

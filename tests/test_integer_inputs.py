@@ -176,3 +176,21 @@ def test_float16_teacher_with_static_int8(tmp_path, digits):
     assert {e["precision"] for e in report["exports"]} == {"fp16", "int8"}
     for name in ("student.onnx", "student.fp16.onnx", "student.int8.onnx"):
         assert ort.InferenceSession(str(out / name)).get_inputs()[0].type == "tensor(float16)"
+
+
+def test_targets_then_fit_on_pixels(tmp_path, pixel_files, digits):
+    """`compress targets` then `compress fit` (no teacher): uint8 data gives a student of uint8 input."""
+    z = tmp_path / "z.npy"
+    result = CliRunner().invoke(cli, ["targets", str(pixel_files["teacher"]), "--data", str(pixel_files["x"]),
+                                      "--out", str(z)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "fit"
+    result = CliRunner().invoke(cli, ["fit", "--data", str(pixel_files["x"]), "--targets", str(z), "--width",
+                                      "512", "--rank", "32", "--out", str(out), "--input-name", "image",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["fidelity"]["agreement"] >= 0.9
+    sess = ort.InferenceSession(str(out / "student.onnx"))
+    assert sess.get_inputs()[0].type == "tensor(uint8)"
+    (logits,) = sess.run(None, {"image": pixels(digits["x_test"])})
+    assert float((logits.argmax(1) == digits["y_test"]).mean()) >= 0.85
