@@ -48,8 +48,12 @@ def run_onnx(path: str | Path, x: np.ndarray, batch_size: int = 4096) -> np.ndar
     from compress.teachers.onnx_teacher import INPUT_TYPES
 
     dtype = INPUT_TYPES.get(inputs[0].type, np.float32)  # the model's own type: float16, uint8 pixels
-    return run_batched(lambda b: sess.run(None, {inputs[0].name: b.astype(dtype, copy=False)})[0], x,
-                       batch_size)
+
+    def run(b: np.ndarray) -> np.ndarray:
+        y = sess.run(None, {inputs[0].name: b.astype(dtype, copy=False)})[0]
+        return y.reshape(len(y), -1) if y.ndim > 2 else y  # (N, C, 1, 1) and the like as (N, C)
+
+    return run_batched(run, x, batch_size)
 
 
 def model_latency(model: Any, sample: np.ndarray, batches: tuple[int, ...] = LATENCY_BATCHES,

@@ -106,7 +106,9 @@ def _graph(inits: list[onnx.TensorProto], cfg: StudentConfig, sig: Signature) ->
     p = internal_prefix(sig)
 
     dtype = helper.np_dtype_to_tensor_dtype(np.dtype(sig.input_dtype))
-    y = helper.make_tensor_value_info(sig.output_name, TensorProto.FLOAT, ["batch", cfg.num_classes])
+    # the teacher's output shape: (N, C), or (N, C, 1, 1) and the like (Signature.output_shape)
+    per = [cfg.num_classes if d == -1 else d for d in (sig.output_shape or (-1,))]
+    y = helper.make_tensor_value_info(sig.output_name, TensorProto.FLOAT, ["batch", *per])
     nodes, extra = [], []
     if cfg.vocab:  # the teacher's token inputs, each [batch, sequence], any of them unused
         xs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.dtype(t)),
@@ -152,8 +154,13 @@ def _graph(inits: list[onnx.TensorProto], cfg: StudentConfig, sig: Signature) ->
                                           transB=1))  # (N, k or D) -> (N, H)
             nodes.append(helper.make_node("Relu", [v + "_pre"], [v + "_out"], name="relu"))
         else:
-            nodes.append(helper.make_node("Gemm", [src, v + ".weight", v + ".bias"], [sig.output_name],
+            scores = sig.output_name if len(per) == 1 else v + "_scores"
+            nodes.append(helper.make_node("Gemm", [src, v + ".weight", v + ".bias"], [scores],
                                           name=name, transB=1))  # (N, H) -> (N, C)
+            if len(per) > 1:  # (N, C) -> the teacher's (N, C, 1, 1) or the like
+                extra.append(helper.make_tensor(v + ".shape", TensorProto.INT64, [len(per) + 1], [-1, *per]))
+                nodes.append(helper.make_node("Reshape", [scores, v + ".shape"], [sig.output_name],
+                                              name=name + "_shape"))
         src = v + "_out"
     graph = helper.make_graph(nodes, "compress_student", xs, [y], initializer=[*inits, *extra])
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
@@ -268,6 +275,12 @@ def _check(path: str, model: torch.nn.Module, sig: Signature, x: np.ndarray,
         with torch.no_grad():
             parts.append((g, model(xt).numpy(), _forward64(model, xt64).numpy()))
     got, ref, ref64 = (np.concatenate(a) for a in zip(*parts, strict=True))
+    if sig.output_shape:  # the teacher's (N, C, 1, 1) or the like, compared as (N, C)
+        want = tuple(ref.shape[1] if d == -1 else d for d in sig.output_shape)
+        if got.shape[1:] != want:
+            raise ExportError("exported ONNX gives the wrong shape",
+                              [f"'{sig.output_name}': {got.shape[1:]} a sample vs the teacher's {want}"])
+        got = got.reshape(len(got), -1)
     if got.shape != ref.shape:
         raise ExportError("exported ONNX gives the wrong shape",
                           [f"'{sig.output_name}': {got.shape} vs torch {ref.shape}"])

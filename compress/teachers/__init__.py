@@ -37,6 +37,10 @@ class Signature:
     # is then the (I, L) stack of them. Empty for a teacher of one float input.
     inputs: tuple[str, ...] = ()
     input_dtypes: tuple[str, ...] = ()
+    # the output of one sample when it is not (classes,): (classes, 1, 1) from a classifier that ends in
+    # a 1x1 convolution (SqueezeNet), (1, classes); -1 stands for the classes. The student's ONNX file
+    # gives the same shape; everything else reads the scores as (N, classes) (`scores`).
+    output_shape: tuple[int, ...] | None = None
 
     @property
     def tokens(self) -> bool:
@@ -54,8 +58,26 @@ class Signature:
     @classmethod
     def from_dict(cls, d: dict) -> Signature:
         shape = d.get("sample_shape")
+        out = d.get("output_shape")
         return cls(**{**d, "sample_shape": None if shape is None else tuple(shape),
-                      "inputs": tuple(d.get("inputs", ())), "input_dtypes": tuple(d.get("input_dtypes", ()))})
+                      "inputs": tuple(d.get("inputs", ())), "input_dtypes": tuple(d.get("input_dtypes", ())),
+                      "output_shape": None if out is None else tuple(int(v) for v in out)})
+
+
+def squeezable(shape: tuple[int | None, ...]) -> bool:
+    """Whether one sample's output of this shape is a vector of class scores with axes of size 1 around
+    it: (10, 1, 1), (1, 10); None (unknown) counts as the classes' axis."""
+    return len(shape) > 1 and sum(d != 1 for d in shape) == 1
+
+
+def scores(y: np.ndarray, n: int) -> np.ndarray | None:
+    """A model's output for n samples as (n, classes): as it is when 2-D, without its size-1 axes when it
+    is (n, classes, 1, 1) or the like; None when it is neither."""
+    if y.ndim == 2 and y.shape[0] == n:
+        return y
+    if y.ndim > 2 and y.shape[0] == n and squeezable(y.shape[1:]):
+        return y.reshape(n, -1)
+    return None
 
 
 class Teacher(Protocol):

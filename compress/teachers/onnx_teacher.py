@@ -27,6 +27,8 @@ from compress.teachers import (
     looks_like_probabilities,
     probabilities_to_logits,
     run_batched,
+    scores,
+    squeezable,
 )
 from compress.tokens import feeds, names_and_dtypes, roles, token_teacher
 
@@ -157,9 +159,11 @@ class OnnxTeacher:
         if not dims:
             raise TeacherError(f"TEACHER {self.path}: input '{inp.name}' is a scalar; expected a batch")
         out = pick_output(self.session.get_outputs(), output, self.path)
+        per = [d if isinstance(d, int) and d > 0 else None for d in (out.shape or [])[1:]]
+        shape = tuple(-1 if d is None or d > 1 else 1 for d in per) if squeezable(tuple(per)) else None
         return Signature(input_name=inp.name, sample_shape=tuple(dims[1:]),
                          input_dtype=np.dtype(INPUT_TYPES[inp.type]).name, output_name=out.name,
-                         batch=dims[0])
+                         batch=dims[0], output_shape=shape)
 
     def _token_signature(self, inputs: list[Any], output: str | None) -> Signature:
         """Integer inputs [batch, sequence] (compress.tokens); the output must be per-example scores."""
@@ -192,10 +196,12 @@ class OnnxTeacher:
         if self._zipmap:  # [{class: p, ...}, ...] -> (N, C), classes in sorted order
             keys = sorted(y[0])
             y = np.array([[row[k] for k in keys] for row in y], dtype=np.float32)
-        y = np.asarray(y, dtype=np.float32)
-        if y.ndim != 2 or y.shape[0] != batch.shape[0]:
+        y2 = scores(np.asarray(y, dtype=np.float32), batch.shape[0])
+        if y2 is None:
             raise TeacherError(f"TEACHER {self.path}: output '{sig.output_name}' has shape "
-                               f"{y.shape} for {batch.shape[0]} samples; expected (N, classes)")
+                               f"{np.shape(y)} for {batch.shape[0]} samples; expected (N, classes), or "
+                               "(N, classes, 1, 1) and the like")
+        y = y2
         if self.output_kind == "unknown":  # decided once, on the first batch the teacher sees
             self.output_kind = "probabilities" if looks_like_probabilities(y) else "logits"
         return probabilities_to_logits(y) if self.output_kind == "probabilities" else y

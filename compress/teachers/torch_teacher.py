@@ -24,6 +24,7 @@ from compress.teachers import (
     looks_like_probabilities,
     probabilities_to_logits,
     run_batched,
+    scores,
 )
 
 PICKLE_HELP = ("holds a pickled Python object (a whole module): loading it can run any code. Save it as "
@@ -179,10 +180,11 @@ class TorchTeacher:
             y = self.module(x.to(self.device))
         if isinstance(y, (tuple, list)):
             y = y[0]
-        y = y.float().cpu().numpy()
-        if y.ndim != 2 or y.shape[0] != batch.shape[0]:
-            raise TeacherError(f"TEACHER {self.path}: returns shape {y.shape} for {batch.shape[0]} "
+        y2 = scores(y.float().cpu().numpy(), batch.shape[0])  # (N, C, 1, 1) and the like: (N, C)
+        if y2 is None:
+            raise TeacherError(f"TEACHER {self.path}: returns shape {tuple(y.shape)} for {batch.shape[0]} "
                                "samples; expected (N, classes)")
+        y = y2
         if self.output_kind == "unknown":
             self.output_kind = "probabilities" if looks_like_probabilities(y) else "logits"
         return probabilities_to_logits(y) if self.output_kind == "probabilities" else y
