@@ -194,3 +194,20 @@ def test_targets_then_fit_on_pixels(tmp_path, pixel_files, digits):
     assert sess.get_inputs()[0].type == "tensor(uint8)"
     (logits,) = sess.run(None, {"image": pixels(digits["x_test"])})
     assert float((logits.argmax(1) == digits["y_test"]).mean()) >= 0.85
+
+
+def test_ensemble_of_a_uint8_and_a_float_teacher(tmp_path, pixel_files, digits):
+    """The uint8 member decides the data's type (and the student's input); the float member reads the
+    same pixels as floats."""
+    net = train_classifier(DigitsCNN(), digits["x"], digits["y"], seed=1)
+    floats = tmp_path / "floats.onnx"
+    torch.onnx.export(PixelCNN(net).eval(), (torch.from_numpy(pixels(digits["x"][:2])).float(),), str(floats),
+                      dynamo=False, input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+    out = tmp_path / "out"
+    args = ["distill", str(floats), str(pixel_files["teacher"]), "--data", str(pixel_files["x"]), "--out",
+            str(out), "--width", "256", "--rank", "16", "--epochs", "5", "--bench-seconds", "0.05", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert ort.InferenceSession(str(out / "student.onnx")).get_inputs()[0].type == "tensor(uint8)"
+    assert json.loads(result.stdout)["fidelity"]["agreement"] > 0.8

@@ -162,6 +162,17 @@ class EnsembleTeacher:
         self.name = " + ".join(m.name for m in members)
         known = [m.signature for m in members if m.signature.sample_shape is not None]
         self.signature = known[0] if known else first.signature  # an ONNX member's interface first
+        # a member of integer inputs (uint8 pixels) decides the data's type, so that the data is checked
+        # for it; float members take those integers as floats. Two integer types cannot both hold it.
+        ints = [m for m in members
+                if not m.signature.tokens and np.dtype(m.signature.input_dtype).kind in "iu"]
+        for m in ints[1:]:
+            if m.signature.input_dtype != ints[0].signature.input_dtype:
+                raise TeacherError(f"TEACHER {m.name}: takes {m.signature.input_dtype} inputs but "
+                                   f"{ints[0].name} takes {ints[0].signature.input_dtype}; an ensemble's "
+                                   "members must read the same integers")
+        if ints:
+            self.signature = ints[0].signature
         counts = [m.params for m in members]
         self.params = None if any(c is None for c in counts) else sum(counts)  # type: ignore[arg-type]
         self.size_bytes = sum(m.size_bytes for m in members)
