@@ -104,7 +104,7 @@ def main() -> None:
                   [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], 0.35 * args.budget_s)]
     steps.append(step("paper-size student, bf16 training throughput",
                       [py, "benchmarks/train_throughput.py", "--steps-per-epoch", "20", "--epochs", "4",
-                       "--repeats", "1"], 0.4 * args.budget_s))
+                       "--repeats", "1", "--conv-repeats", "1"], 0.4 * args.budget_s))
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     no_cuda_ep = None if "CUDAExecutionProvider" in info["ort_providers"] else (
         f"onnxruntime {info['onnxruntime']} here has no CUDAExecutionProvider (providers: "
