@@ -379,6 +379,9 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
     if not world.main:
         distributed.finish(world)
         return None
+    if cfg.channels_last and opts.layout == "auto":  # a guess from the shape: said, with the way out
+        result.notes.append(f"samples of shape {cfg.sample_shape} were read channels last (H, W, C), as "
+                            "Keras and TensorFlow models take images; --layout first reads them as (C, H, W)")
 
     # 4. keep the student: weights, then the validated ONNX files. Its interface is the teacher's,
     # with the data's sample shape (a PyTorch teacher records none) and a dynamic batch axis.

@@ -98,6 +98,7 @@ def test_distill_a_channels_last_teacher(tmp_path, nhwc_files, digits):
     assert report["teacher"]["accuracy"] > 0.85
     assert report["student"]["accuracy"] >= report["teacher"]["accuracy"] - 0.05
     assert report["student"]["layers"][:3] == ["transpose", "norm", "16c3"]
+    assert any("read channels last" in n and "--layout first" in n for n in report["train"]["notes"])
     assert report["export"]["max_abs_diff"] <= 1e-4
     graph = onnx.load(str(out / "student.onnx")).graph
     ops = [n.op_type for n in graph.node]
