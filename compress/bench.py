@@ -76,12 +76,9 @@ def latency(sess: Any, sample: np.ndarray | None = None, batch_sizes: tuple[int,
         if not all(isinstance(d, int) for d in shape):
             raise ConfigError(f"model input '{inp.name}' has dynamic dimensions {inp.shape} besides "
                               "the batch axis; benchmark it with real inputs")
-        rng = np.random.default_rng(0)
-        if np.dtype(dtype).kind in "iu":  # pixels or samples: anywhere in the type's range
-            info = np.iinfo(dtype)
-            sample = rng.integers(info.min, int(info.max) + 1, (64, *shape))
-        else:
-            sample = rng.standard_normal((64, *shape))
+        from compress.data import random_inputs
+
+        sample = random_inputs(64, tuple(shape), dtype)
     sample = sample.astype(dtype)
     device = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
     result: dict[str, dict[str, Any]] = {}

@@ -242,6 +242,16 @@ def load_inputs(
     return np.ascontiguousarray(arr[0 : len(arr)], dtype=held)
 
 
+def random_inputs(n: int, shape: tuple[int, ...], dtype: Any, seed: int = 0) -> np.ndarray:
+    """n made-up samples of `shape` when no data is given: standard normal floats, or, for an integer
+    type (pixels, samples), whole numbers anywhere in its range."""
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind in "iu":
+        limits = np.iinfo(dtype)
+        return rng.integers(limits.min, int(limits.max) + 1, (n, *shape)).astype(dtype)
+    return rng.standard_normal((n, *shape)).astype(dtype)
+
+
 def check_integers(arr: Any, dtype: np.dtype, path: str | Path, what: str = "--data",
                    chunk: int = _CHUNK_ROWS) -> None:
     """That every value of `arr` is a whole number `dtype` holds (a uint8 teacher's pixels: 0 to 255),

@@ -238,13 +238,7 @@ def _statistics(x_train: Any, z_train: Any, cfg: StudentConfig, fit_cfg: FitConf
     else:
         mu, sd = _moments(x_train, d)
         if cfg.front:  # a convolution sees every position alike: one mean and spread per input channel
-            if cfg.channels_last:  # channels on the last axis; the moments stay in the data's order
-                first = (cfg.sample_shape[-1], *cfg.sample_shape[:-1])
-                mu, sd = (np.moveaxis(a.reshape(cfg.sample_shape), -1, 0).reshape(-1) for a in (mu, sd))
-                mu, sd = (np.moveaxis(a.reshape(first), 0, -1).reshape(-1)
-                          for a in per_channel(mu, sd, first))
-            else:
-                mu, sd = per_channel(mu, sd, cfg.sample_shape)
+            mu, sd = per_channel(mu, sd, cfg.sample_shape, cfg.channels_last)
         sd, ignored = robust_scale(sd)
     if ignored:
         notes.append(f"{ignored:,} of {d:,} input features are constant over the transfer data (spread "

@@ -69,13 +69,19 @@ def robust_scale(sd: np.ndarray) -> tuple[np.ndarray, int]:
     return out, int(constant.sum())
 
 
-def per_channel(mu: np.ndarray, sd: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def per_channel(mu: np.ndarray, sd: np.ndarray, shape: tuple[int, ...],
+                channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature moments -> each channel's mean and spread over all its positions, repeated to one
-    value per feature. Channels first: (C, H, W) or (C, L); (L,) is one channel."""
-    c = shape[0] if len(shape) > 1 else 1
-    m, v = mu.reshape(c, -1), (sd**2).reshape(c, -1)
-    mean = m.mean(axis=1, keepdims=True)  # (C, 1)
-    var = np.maximum((v + m**2).mean(axis=1, keepdims=True) - mean**2, 0.0)
+    value per feature, in the features' own order. Channels first: (C, H, W) or (C, L); (L,) is one
+    channel; with `channels_last`, (H, W, C) or (L, C)."""
+    if channels_last:
+        axis, c = 0, shape[-1]
+        m, v = mu.reshape(-1, c), (sd**2).reshape(-1, c)  # (positions, C)
+    else:
+        axis, c = 1, shape[0] if len(shape) > 1 else 1
+        m, v = mu.reshape(c, -1), (sd**2).reshape(c, -1)  # (C, positions)
+    mean = m.mean(axis=axis, keepdims=True)
+    var = np.maximum((v + m**2).mean(axis=axis, keepdims=True) - mean**2, 0.0)
     return (np.broadcast_to(mean, m.shape).reshape(-1).copy(),
             np.broadcast_to(np.sqrt(var), m.shape).reshape(-1).copy())
 

@@ -339,11 +339,8 @@ def export(student: Path, out_path: Path, data: Path | None, precision: str, min
         x = data_mod.load_inputs(data, cfg.sample_shape, dtype=sig.input_dtype)
     elif "check_inputs" in meta:
         x = meta["check_inputs"]
-    elif np.dtype(sig.input_dtype).kind in "iu":  # pixels or samples: anywhere in the type's range
-        limits = np.iinfo(sig.input_dtype)
-        x = np.random.default_rng(0).integers(limits.min, int(limits.max) + 1, (256, *cfg.sample_shape))
-    else:
-        x = np.random.default_rng(0).standard_normal((256, *cfg.sample_shape)).astype(np.float32)
+    else:  # in the student's input type (uint8 pixels: whole numbers in its range)
+        x = data_mod.random_inputs(256, cfg.sample_shape, sig.input_dtype)
     if precision == "fp32":
         res = export_onnx(model, cfg, sig, out_path, x)
         info = {"precision": "fp32", "path": res.path, "size_bytes": res.size_bytes,
