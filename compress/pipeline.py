@@ -35,7 +35,6 @@ LOCK = ".compress.lock"  # in --out: held by the run writing there
 # every name distill may write in --out (temporary and hidden ones under ".*"), for refuse_overwrite
 DISTILL_WRITES = ("student*.onnx*", "student.pt", "report.*", "checkpoint.pt", "targets*.npy",
                   "targets*.json", "augmented_*.npy", ".*")
-FIT_WRITES = ("student*.onnx*", "student.pt", "report.*", "checkpoint.pt", ".*")
 
 
 def out_writes(option: str, folder: str | Path, patterns: tuple[str, ...]) -> list[tuple[str, Path, str]]:
@@ -103,7 +102,7 @@ def holdout_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
 
@@ -432,93 +431,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
         "run": record,
     }
     plot = write_plot(report, out / "report.png")
-    _write_text(out / "report.json", jsonio.dumps(report) + "\n")
-    _write_text(out / "report.md", ev.render_markdown(report, plot))
-    distributed.finish(world)
-    return report
-
-
-def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = DistillOptions(),
-                input_name: str = "input", output_name: str = "logits",
-                progress: StageProgress | None = None) -> dict[str, Any] | None:
-    """`compress fit`: a student from inputs and logits computed earlier (`compress targets`), no
-    teacher needed. Writes student.pt, student.onnx (input and output named as given) and report.json
-    with the training and export sections and the fit on the held-out 10% of the data."""
-    from compress import distributed
-
-    def say(stage: str, **info: Any) -> None:
-        if progress:
-            progress(stage, info)
-
-    opts.fit.validate()
-    for option, name in (("--input-name", input_name), ("--output-name", output_name)):
-        if not name.strip() or name != name.strip():
-            raise ConfigError(f"{option}: '{name}' is not a usable ONNX name (empty, or spaces at an end)")
-    if input_name == output_name:
-        raise ConfigError(f"--output-name: '{output_name}' is also the input's name; ONNX needs two names")
-    refuse_overwrite({"--data": data, "--targets": targets}, out_writes("--out", opts.out_dir, FIT_WRITES))
-    check_device(opts.fit.device)
-    data_mod.check_key(opts.key, data)
-    if opts.resume:
-        check_checkpoint(Path(opts.out_dir) / "checkpoint.pt")
-    raw = data_mod.open_inputs(data, None, what="--data", key=opts.key)
-    # pixels stored as uint8 (int8, uint16, int16) came from a teacher of that input: the student takes
-    # them as it did (compress.teachers.onnx_teacher.INTEGER_TYPES); any float data gives a float32 input
-    input_dtype = raw.dtype.name if raw.dtype.name in ("uint8", "int8", "uint16", "int16") else "float32"
-    x = np.ascontiguousarray(raw[0 : len(raw)], dtype=np.float32)
-    z = np.asarray(data_mod.load_array(targets, what="--targets"), dtype=np.float32)
-    if z.ndim != 2 or len(z) != len(x):
-        raise DataError(f"--targets {targets}: shape {z.shape}; expected ({len(x)}, classes), one row of "
-                        "logits per --data sample")
-    data_mod.check_finite(z, targets, what="--targets")
-    train_idx, val_idx = holdout_split(len(x), opts.fit.seed)
-    cfg = student_config(tuple(int(v) for v in x.shape[1:]), z.shape[1], opts.width, opts.rank, opts.student,
-                         layout=opts.layout)
-    check_memory(cfg, opts.fit, 0)  # the data is in memory already
-    out = Path(opts.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
-    with exclusive(out / LOCK, f"--out {out}") if distributed.is_rank0() else contextlib.nullcontext():
-        return _fit_targets(x, z, train_idx, val_idx, cfg, out, opts, input_name, output_name, input_dtype,
-                            say)
-
-
-def _fit_targets(x: np.ndarray, z: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-                 cfg: StudentConfig, out: Path, opts: DistillOptions, input_name: str, output_name: str,
-                 input_dtype: str, say: Callable[..., None]) -> dict[str, Any] | None:
-    """fit_targets() once its inputs are read and its folder is locked."""
-    from compress import distributed
-    from compress import evaluate as ev
-    from compress.exporters.onnx import export_onnx
-    from compress.fit import fit
-    from compress.student import save_student
-    from compress.teachers import Signature
-
-    world = distributed.init()
-    result = fit(data_mod.Rows(x, train_idx), data_mod.Rows(z, train_idx), x[val_idx], z[val_idx], cfg,
-                 opts.fit, lambda info: say("fit", **info), checkpoint=str(out / "checkpoint.pt"),
-                 resume=opts.resume, world=world)
-    if not world.main:
-        distributed.finish(world)
-        return None
-    say("export")
-    sig = Signature(input_name, cfg.sample_shape, input_dtype, output_name, None)
-    save_student(result.model, cfg, str(out / "student.pt"), {"signature": dataclasses.asdict(sig)},
-                 check_inputs=x[val_idx[:256]])
-    exp = export_onnx(result.model, cfg, sig, out / "student.onnx", x[val_idx])
-    (out / "checkpoint.pt").unlink(missing_ok=True)
-    zs = ev.run_onnx(exp.path, x[val_idx])
-    report = {
-        "student": {"params": count_params(cfg), "size_bytes": exp.size_bytes, "width": cfg.width,
-                    "rank": cfg.rank, "input_dim": cfg.input_dim, "classes": cfg.num_classes,
-                    "spec": cfg.spec, "layers": [layer.token for layer in cfg.layers()]},
-        "fidelity": {"agreement": ev.agreement(zs, z[val_idx]), "logit_rmse": ev.logit_rmse(zs, z[val_idx]),
-                     "on": "the held-out 10% of --data"},
-        "export": {"path": str(Path(exp.path).resolve()), "max_abs_diff": exp.max_abs_diff},
-        "train": {**result.report(), "samples": int(train_idx.size)},
-    }
-    _write_text(out / "report.json", jsonio.dumps(report) + "\n")
+    write_text(out / "report.json", jsonio.dumps(report) + "\n")
+    write_text(out / "report.md", ev.render_markdown(report, plot))
     distributed.finish(world)
     return report

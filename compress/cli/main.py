@@ -269,7 +269,8 @@ def fit_command(data: Path, targets_path: Path, out_dir: Path, key: str | None, 
                 as_json: bool) -> None:
     """Fit a student to logits computed earlier (compress targets): no teacher needed."""
     from compress.fit import FitConfig
-    from compress.pipeline import DistillOptions, fit_targets
+    from compress.pipeline import DistillOptions
+    from compress.refit import fit_targets
 
     check_student_spec(click.get_current_context(), student_spec)
     opts = DistillOptions(width=width, rank=rank, student=student_spec, layout=layout, out_dir=str(out_dir),
