@@ -7,6 +7,9 @@ step uses the cores), whichever is faster. The first configuration runs --repeat
 report gives the spread.
 The loop: `compress.fit.fit` itself on random data, timed by its per-epoch step timer (optimizer
 steps only, no evaluation), median over the epochs after the first.
+Paired MFU: between epochs (outside the step timer) a short peak probe runs, and each timed epoch is
+also taken against the higher of the probes just before and after it, the median over epochs: on this
+shared VM the load swings within seconds, so a whole run against peaks minutes apart mixes loads.
 Achieved FLOP/s = 6 x weights x samples/s (forward + backward, the usual convention;
 weights = D*k + k*H + H*C, or D*H + H*C with rank 0; for a conv student, the multiply-adds of one
 forward pass, its convolutions' included).
@@ -47,6 +50,8 @@ from compress.student import StudentConfig, flops_per_sample, parse_spec  # noqa
 
 # the best one- and two-conv MNIST-1D students of benchmarks/results/conv_mnist1d_10000.md
 CONV_STUDENTS = ("64c5-p-32L-2k", "32c5-p-64c5-p-64L-1k")
+CORES = torch.get_num_threads()  # before any fit loop changes it
+PROBE_SECONDS = 0.15  # each size's block in a peak probe between epochs (six blocks on a CPU)
 
 
 def matmul_peak(device: str, seconds: float = 1.0) -> float:
@@ -110,19 +115,40 @@ def weights(cfg: StudentConfig) -> int:
 
 
 def run(cfg: StudentConfig, batch: int, steps: int, epochs: int, device: str, engine: str) -> dict:
+    """The fit loop's samples/s (median over the timed epochs); and, between epochs (fit's end-of-epoch
+    report, outside its step timer, the step's threads idle), a short peak probe, so that each epoch's
+    MFU is also taken against the peaks measured just before and just after it (`mfu_paired`: the
+    median over epochs). On this shared VM the load swings within seconds; a whole run against peaks
+    measured before and after it mixes minutes of different load, an epoch against its neighbours
+    less so."""
     rng = np.random.default_rng(0)
     n = batch * steps
     x = rng.standard_normal((n, cfg.input_dim), dtype=np.float32)
     z = rng.standard_normal((n, cfg.num_classes), dtype=np.float32)
+    probes: list[float] = []
+
+    def between(report: dict) -> None:
+        if "loss" in report:  # the end of an epoch; the split step leaves torch one thread: all of them
+            threads = torch.get_num_threads()
+            torch.set_num_threads(CORES)
+            try:
+                probes.append(matmul_peak(device, seconds=PROBE_SECONDS))
+            finally:
+                torch.set_num_threads(threads)
+
     res = fit(x, z, x[:batch], z[:batch], cfg,
-              FitConfig(epochs=epochs, batch_size=batch, device=device, engine=engine))
+              FitConfig(epochs=epochs, batch_size=batch, device=device, engine=engine), progress=between)
     per_epoch = [h["step_samples_per_second"] for h in res.history[1:]]
     sps = statistics.median(per_epoch)
+    flop = 6 * weights(cfg)
+    # epoch e (from 2) lies between the probes after epochs e-1 and e: probes[e-2] and probes[e-1]
+    paired = [flop * r / max(probes[i], probes[i + 1]) for i, r in enumerate(per_epoch)]
     return {"spec": cfg.spec, "D": cfg.input_dim, "rank": cfg.rank, "width": cfg.width,
             "classes": cfg.num_classes,
             "batch": batch, "weights": weights(cfg), "engine": res.engine, "samples_per_second": sps,
-            "samples_per_second_per_epoch": per_epoch, "flop_per_second": 6 * weights(cfg) * sps,
-            "epochs_timed": epochs - 1}
+            "samples_per_second_per_epoch": per_epoch, "flop_per_second": flop * sps,
+            "epochs_timed": epochs - 1, "peak_probes": probes, "mfu_per_epoch_paired": paired,
+            "mfu_paired": statistics.median(paired)}
 
 
 def measured(cfg: StudentConfig, engine: str, batch: int, args: argparse.Namespace, device: str) -> dict:
@@ -132,7 +158,8 @@ def measured(cfg: StudentConfig, engine: str, batch: int, args: argparse.Namespa
     after = matmul_peak(device)
     r.update(peak_before=before, peak_after=after, peak=max(before, after))
     r["mfu"] = r["flop_per_second"] / r["peak"]
-    print(json.dumps({k: v for k, v in r.items() if k != "samples_per_second_per_epoch"}), flush=True)
+    print(json.dumps({k: v for k, v in r.items() if k not in ("samples_per_second_per_epoch", "peak_probes",
+                                                             "mfu_per_epoch_paired")}), flush=True)
     return r
 
 
@@ -190,7 +217,7 @@ def main() -> None:
             runs += [measured(cfg, engine, b, args, device), measured(cfg, "autograd", b, args, device)]
             gains[f"{cfg.spec} at batch {b}"] = [runs[-2]["samples_per_second"]
                                                  / runs[-1]["samples_per_second"]]
-    conv_mfus = {}
+    conv_mfus, conv_paired = {}, {}
     for spec in CONV_STUDENTS:  # MNIST-1D conv students, convolution FLOPs counted
         front, rank, width = parse_spec(spec)
         cfg = StudentConfig((40,), 10, width, rank, front)
@@ -198,6 +225,7 @@ def main() -> None:
         # each beside one of autograd (what compress.conv_step, or the CUDA-graph step, buys over it)
         tries = alternating(cfg, ("auto", "autograd"), 256, args, device, args.conv_repeats)
         conv_mfus[spec] = [r["mfu"] for r in tries["auto"]]
+        conv_paired[spec] = [r["mfu_paired"] for r in tries["auto"]]
         runs += [median_run(tries["auto"]), median_run(tries["autograd"])]
         gains[spec] = ratios(tries)
     mfus = [r["mfu"] for r in repeats]
@@ -206,28 +234,33 @@ def main() -> None:
               "threads": torch.get_num_threads(), "peak_dtype": "bf16" if device == "cuda" else "fp32",
               "mfu_median": head["mfu"], "mfu_min": min(mfus), "mfu_max": max(mfus),
               "repeats": repeats, "runs": runs, "bottleneck_speedup_vs_rank0": speedup,
-              "conv_mfu_runs": conv_mfus}
+              "conv_mfu_runs": conv_mfus, "conv_mfu_paired_runs": conv_paired}
     lines = [f"# Fit-loop throughput on {name}", "",
              f"torch {torch.__version__}, {result['threads']} threads. Each run sits between two "
              f"{result['peak_dtype']} matmul peak measurements (square products, sustained over 1 s "
              "blocks) and its MFU = 6 x weights x samples/s is against the higher of the two; samples/s "
-             f"is the median over {args.epochs - 1} timed epochs of {args.steps_per_epoch} steps.", "",
+             f"is the median over {args.epochs - 1} timed epochs of {args.steps_per_epoch} steps. "
+             "Paired MFU: each timed epoch against the higher of two short peak probes "
+             f"({PROBE_SECONDS} s a size) taken just before and just after it, outside the step timer; "
+             "the median over the epochs.", "",
              f"The first configuration, run {len(repeats)} times: MFU median {100 * head['mfu']:.1f}%, "
              f"min {100 * min(mfus):.1f}%, max {100 * max(mfus):.1f}% "
              f"({', '.join(f'{100 * m:.1f}%' for m in mfus)} in run order). The table shows its median run.",
              "", "| student | D | rank | width | classes | batch | multiply-adds | engine | samples/s "
-             "| GFLOP/s | peak GFLOP/s | MFU |",
-             "|---|---:|---:|---:|---:|---:|---:|:--|---:|---:|---:|---:|"]
+             "| GFLOP/s | peak GFLOP/s | MFU | paired MFU |",
+             "|---|---:|---:|---:|---:|---:|---:|:--|---:|---:|---:|---:|---:|"]
     for r in runs:
         lines.append(f"| `{r['spec']}` | {r['D']} | {r['rank']} | {r['width']:,} | {r['classes']} | "
                      f"{r['batch']} | "
                      f"{r['weights']:,} | {r['engine']} | {r['samples_per_second']:,.0f} | "
-                     f"{r['flop_per_second'] / 1e9:,.0f} | {r['peak'] / 1e9:,.0f} | {100 * r['mfu']:.1f}% |")
+                     f"{r['flop_per_second'] / 1e9:,.0f} | {r['peak'] / 1e9:,.0f} | {100 * r['mfu']:.1f}% | "
+                     f"{100 * r['mfu_paired']:.1f}% |")
     lines += ["", f"The bottleneck (rank {runs[0]['rank']}) trains {speedup:.2f}x as many samples/s as "
               "rank 0 at the same width."]
     for spec, mfu in conv_mfus.items():
         lines.append(f"`{spec}`, default step, {len(mfu)} runs: MFU "
-                     f"{', '.join(f'{100 * m:.1f}%' for m in mfu)} in run order (the table: the median).")
+                     f"{', '.join(f'{100 * m:.1f}%' for m in mfu)} in run order (the table: the median); "
+                     f"paired MFU {', '.join(f'{100 * m:.1f}%' for m in conv_paired[spec])}.")
     where = "compress/split_step.py and compress/conv_step.py" if device == "cpu" else "compress/gpu_step.py"
     result["engine_speedup_vs_autograd"] = {k: statistics.median(v) for k, v in gains.items()}
     result["engine_speedup_per_pair"] = gains

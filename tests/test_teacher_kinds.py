@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -147,6 +148,25 @@ def test_image_shaped_teacher(tmp_path, cnn, digits, digits_files):
     (logits,) = sess.run(None, {"image": digits["x_test"].reshape(-1, 1, 8, 8)})
     accuracy = float((logits.argmax(1) == digits["y_test"]).mean())
     assert accuracy == pytest.approx(report["student"]["accuracy"])
+
+
+def test_teacher_of_any_image_size(tmp_path, cnn, digits, digits_files):
+    """A teacher whose ONNX input leaves H and W free: the student keeps the data's size, and says so."""
+    img = ImageCNN()
+    img.net.load_state_dict(cnn.state_dict())
+    images = digits["x"].reshape(-1, 1, 8, 8)
+    path = tmp_path / "any.onnx"
+    torch.onnx.export(img.eval(), (torch.from_numpy(images[:2]),), str(path), dynamo=False,
+                      input_names=["image"], output_names=["logits"], opset_version=17,
+                      dynamic_axes={"image": {0: "batch", 2: "h", 3: "w"}, "logits": {0: "batch"}})
+    assert [d.dim_param for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim] == [
+        "batch", "", "h", "w"]
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "xt.npy", digits["x_test"].reshape(-1, 1, 8, 8))
+    report, out = distill(tmp_path, [path], digits_files, data=tmp_path / "x.npy", test_x=tmp_path / "xt.npy")
+    note = [n for n in report["train"]["notes"] if "any size" in n]
+    assert len(note) == 1 and "axis 2, 3" in note[0] and "(N, 1, 8, 8)" in note[0], report["train"]["notes"]
+    assert ort.InferenceSession(str(out / "student.onnx")).get_inputs()[0].shape == ["batch", 1, 8, 8]
 
 
 def one_line_exit_2(args, *needles):
