@@ -320,7 +320,7 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
         raise ConfigError(f"--augment: the augmented training set ({len(x) * factor * row_bytes / 2**30:.1f} "
                           f"GiB) does not fit the memory budget ({budget / 2**30:.1f} GiB); use a smaller "
                           "factor, or no --augment with a transfer set this large")
-    check_memory(cfg, opts.fit, 0 if streamed else len(x) * factor * row_bytes)
+    check_memory(cfg, opts.fit, 0 if streamed else len(x) * factor * row_bytes, spec=opts.student)
     if not streamed:
         x = np.ascontiguousarray(x[0 : len(x)], dtype=dtype)  # in memory: faster to train on
     if y_eval is not None and y_eval.max() >= cfg.num_classes:

@@ -18,9 +18,12 @@ if TYPE_CHECKING:
     from compress.pipeline import DistillOptions
 
 
-def check_memory(cfg: StudentConfig, fit: FitConfig, data_bytes: int, option: str = "--width") -> None:
+def check_memory(cfg: StudentConfig, fit: FitConfig, data_bytes: int, option: str | None = None,
+                 spec: str | None = None) -> None:
     """Refuse, before the teacher runs, a CPU fit that cannot fit in the memory this process may use
-    (compress.memory). A GPU fit plans its own memory (compress.feed.plan_cuda)."""
+    (compress.memory). A GPU fit plans its own memory (compress.feed.plan_cuda). `spec`: the student as
+    the user gave it, named in the message instead of the width; `option`: the option that gave it
+    (default --student, or --width without a spec)."""
     from compress.feed import activation_bytes
     from compress.fit import resolve_device
     from compress.memory import available_bytes, gib, training_bytes
@@ -31,10 +34,12 @@ def check_memory(cfg: StudentConfig, fit: FitConfig, data_bytes: int, option: st
                           activation_bytes(cfg.input_dim, cfg.rank, cfg.width, cfg.num_classes), data_bytes)
     room = available_bytes()
     if room is not None and need > room:
-        raise ConfigError(f"{option} {cfg.width:,}: training this student ({count_params(cfg):,} weights) "
+        option = option or ("--student" if spec else "--width")
+        said = f"{option} {spec}" if spec else f"{option} {cfg.width:,}"
+        raise ConfigError(f"{said}: training this student ({count_params(cfg):,} weights) "
                           f"needs about {gib(need)} (weights, gradients, Adam moments, the best epoch's "
                           f"copy, activations, data) but this process may use {gib(room)}; use a smaller "
-                          "--width or --rank")
+                          + ("student" if spec else "--width or --rank"))
 
 
 def default_rank(input_dim: int) -> int:

@@ -70,7 +70,7 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
     train_idx, val_idx = holdout_split(len(x), opts.fit.seed)
     cfg = student_config(tuple(int(v) for v in x.shape[1:]), z.shape[1], opts.width, opts.rank, opts.student,
                          layout=opts.layout)
-    check_memory(cfg, opts.fit, 0)  # the data is in memory already
+    check_memory(cfg, opts.fit, 0, spec=opts.student)  # the data is in memory already
     out = Path(opts.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -155,7 +155,7 @@ def _check_upfront(teachers: list[str | Path], data: str | Path, todo: list[Stud
                                  opts.layout)
         except ConfigError as e:
             raise ConfigError(str(e).replace("--rank:", "--ranks:", 1)) from None
-        check_memory(cfg, opts.fit, 0, option="--students" if spec else "--widths")
+        check_memory(cfg, opts.fit, 0, option="--students" if spec else "--widths", spec=spec)
     if train_labels is not None:
         y = data_mod.load_labels(train_labels, len(x), what="--train-labels", data_what="--data")
         if int(y.max()) >= classes:

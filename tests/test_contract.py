@@ -136,6 +136,12 @@ BAD = [
     ("distill t.onnx --data x.npy --student 100L-8k --out d", "--student 100L-8k"),
     ("fit --data x.npy --targets x.npy --student 16L-64 --rank 3 --out d", "--student"),
     ("sweep t.onnx --data x.npy --students 8c-p-1k,p-p --out s", "--student p-p"),
+    ("demo --student 8c-p-1k --width 2k --out run", "--student"),
+    ("demo --student 8c-1k-p --out run", "'1k'"),
+    ("demo --student 8c-p-400M --transfer 1000 --out run", "--student 8c-p-400M"),
+    ("distill t.onnx --data x.npy --student 400M --out d", "--student 400M"),
+    ("fit --data x.npy --targets x.npy --student 400M --out d", "--student 400M"),
+    ("sweep t.onnx --data x.npy --students 1k,8c-p-400M --out s", "--students 8c-p-400M"),
     # models bench cannot time, student files that are not what they claim, factories that misbehave
     ("bench two.onnx --seconds 0.05", "two.onnx"),
     ("bench int64.onnx --seconds 0.05", "int64.onnx"),

@@ -435,9 +435,13 @@ def inspect(model: Path, output: str | None, arch: str | None, trust_pickle: boo
               type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--transfer", type=click.IntRange(1_000, 10_000_000), default=200_000, show_default=True,
               help="Fresh unlabeled MNIST-1D samples to generate as transfer data.")
-@click.option("--width", type=WidthType(), default="4k", show_default=True, help="Student width.")
+@click.option("--width", type=WidthType(), default="4k", show_default=True,
+              help="Student width (an MLP student, no bottleneck).")
+@click.option("--student", "student_spec", default=None, metavar="SPEC",
+              help="The student in the paper's notation instead, e.g. 32c5-32c5-p-64L-1k (a conv "
+                   "student: 121k parameters, about the teacher's accuracy). Not with --width.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def demo(out_dir: Path, transfer: int, width: int, as_json: bool) -> None:
+def demo(out_dir: Path, transfer: int, width: int, student_spec: str | None, as_json: bool) -> None:
     """Distill the built-in MNIST-1D CNN teacher on freshly generated transfer data."""
     from compress.demo import prepare
     from compress.fit import FitConfig
@@ -445,11 +449,13 @@ def demo(out_dir: Path, transfer: int, width: int, as_json: bool) -> None:
     from compress.pipeline import distill as run
     from compress.plan import check_memory, student_config
 
-    # MNIST-1D: 40 inputs, 10 classes; a width that cannot train is refused before any data is made
-    check_memory(student_config((40,), 10, width, 0), FitConfig(), 40 * 4 * transfer)
+    check_student_spec(click.get_current_context(), student_spec)
+    # MNIST-1D: 40 inputs, 10 classes; a student that cannot train is refused before any data is made
+    check_memory(student_config((40,), 10, width, 0, student_spec), FitConfig(), 40 * 4 * transfer,
+                 spec=student_spec)
     console.print(f"Generating {transfer:,} MNIST-1D transfer samples and the 1,000-sample test set...")
     files = prepare(out_dir, transfer)
-    opts = DistillOptions(width=width, rank=0, out_dir=str(out_dir))
+    opts = DistillOptions(width=width, rank=0, student=student_spec, out_dir=str(out_dir))
     with ProgressView() as view:
         report = run([files.teacher], files.transfer, opts, files.test_x, files.test_y,
                      progress=view.update)
