@@ -149,9 +149,11 @@ def check_student_spec(ctx: click.Context, spec: str | None) -> None:
 
     if spec is None:
         return
-    for name in ("width", "rank"):
+    names = [name for name in ("width", "rank") if name in ctx.params]  # demo has no --rank
+    for name in names:
         if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
-            raise click.BadParameter(f"give the student either as --student {spec} or with --width/--rank, "
+            given = "/".join(f"--{n}" for n in names)
+            raise click.BadParameter(f"give the student either as --student {spec} or with {given}, "
                                      "not both", param_hint="'--student'")
     from compress.student import parse_spec
 
