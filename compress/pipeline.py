@@ -384,9 +384,10 @@ def _distill(teachers: list[str | Path], data: str | Path, opts: DistillOptions,
 
     if sig.sample_shape and not sig.tokens and None in sig.sample_shape:  # e.g. images of any H and W
         free = ", ".join(str(i + 1) for i, d in enumerate(sig.sample_shape) if d is None)
+        shape = ", ".join(str(d) for d in cfg.sample_shape)
         result.notes.append(f"the teacher takes inputs of any size along axis {free}; the student takes "
-                            f"(N, {', '.join(str(d) for d in cfg.sample_shape)}) only (--data's samples): its dense layers "
-                            "fix the size. Resize inputs to it before calling the student")
+                            f"(N, {shape}) only (--data's samples): its dense layers fix the size. Resize "
+                            "inputs to it before calling the student")
 
     # 4. keep the student: weights, then the validated ONNX files. Its interface is the teacher's,
     # with the data's sample shape (a PyTorch teacher records none) and a dynamic batch axis.
