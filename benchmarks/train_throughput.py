@@ -22,8 +22,9 @@ conv students CONV_STUDENTS at batch 256, with the default engine (compress/conv
 CUDA-graph step of compress/gpu_step.py on a GPU) and then autograd on the same student; on a GPU also
 the paper-size student at distill's default batch, 128, and the 8k-wide one at 256, both ways.
 
-    python benchmarks/train_throughput.py [--steps-per-epoch 40] [--epochs 6] [--repeats 5]
-Writes benchmarks/results/train_throughput_<device>.{json,md}. malloc tuned as the CLI tunes it
+    python benchmarks/train_throughput.py [--steps-per-epoch 40] [--epochs 6] [--repeats 5] [--conv-only]
+Writes benchmarks/results/train_throughput_<device>.{json,md} (with --conv-only, the conv students
+alone, every run: train_throughput_<device>_conv.{json,md}). malloc tuned as the CLI tunes it
 (compress.memory.keep_freed_memory).
 """
 
@@ -183,6 +184,41 @@ def ratios(runs: dict[str, list[dict]]) -> list[float]:
             for a, b in zip(runs["auto"], runs["autograd"], strict=True)]
 
 
+TABLE_HEAD = ["| student | D | rank | width | classes | batch | multiply-adds | engine | samples/s | GFLOP/s "
+              "| peak GFLOP/s | MFU | paired MFU |",
+              "|---|---:|---:|---:|---:|---:|---:|:--|---:|---:|---:|---:|---:|"]
+
+
+def row(r: dict) -> str:
+    return (f"| `{r['spec']}` | {r['D']} | {r['rank']} | {r['width']:,} | {r['classes']} | {r['batch']} | "
+            f"{r['weights']:,} | {r['engine']} | {r['samples_per_second']:,.0f} | "
+            f"{r['flop_per_second'] / 1e9:,.0f} | {r['peak'] / 1e9:,.0f} | {100 * r['mfu']:.1f}% | "
+            f"{100 * r['mfu_paired']:.1f}% |")
+
+
+def conv_only(args: argparse.Namespace, device: str, name: str) -> None:
+    """--conv-only: the conv students alone, each run beside one of autograd, --conv-repeats times;
+    every run in the table. Writes train_throughput_<device>_conv.{json,md}."""
+    result: dict = {"device": device, "device_name": name, "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "students": {}}
+    lines = [f"# Conv students' fit-loop throughput on {name}", "",
+             f"torch {torch.__version__}, {result['threads']} threads, batch 256; MFU and paired MFU as in "
+             f"train_throughput_{device}.md (`python benchmarks/train_throughput.py --conv-only`). Each "
+             "run of the default step is followed by one of autograd on the same student.", "", *TABLE_HEAD]
+    notes = []
+    for spec in CONV_STUDENTS:
+        front, rank, width = parse_spec(spec)
+        cfg = StudentConfig((40,), 10, width, rank, front)
+        tries = alternating(cfg, ("auto", "autograd"), 256, args, device, args.conv_repeats)
+        result["students"][spec] = tries
+        lines += [row(r) for pair in zip(tries["auto"], tries["autograd"], strict=True) for r in pair]
+        mfu = [r["mfu"] for r in tries["auto"]]
+        notes.append(f"`{spec}`, default step: MFU {', '.join(f'{100 * m:.1f}%' for m in mfu)} in run order "
+                     f"(median {100 * statistics.median(mfu):.1f}%); {statistics.median(ratios(tries)):.2f}x "
+                     "autograd (median of the pairs).")
+    write_results(f"train_throughput_{device}_conv", result, [*lines, "", *notes])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--steps-per-epoch", type=int, default=40)
@@ -190,10 +226,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="runs of the first configuration")
     ap.add_argument("--conv-repeats", type=int, default=3,
                     help="runs of each conv student, each engine, alternating (the table: the median runs)")
+    ap.add_argument("--conv-only", action="store_true",
+                    help="only the conv students (train_throughput_<device>_conv.{json,md})")
     args = ap.parse_args()
     keep_freed_memory()  # as the CLI runs the fit loop
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else machine()
+    if args.conv_only:
+        conv_only(args, device, name)
+        return
     big = StudentConfig((1845,), 183, 400_000 if device == "cuda" else 8000, 250)
     rank0 = dataclasses.replace(big, rank=0)
     batch = 4096 if device == "cuda" else 256
@@ -246,15 +287,8 @@ def main() -> None:
              f"The first configuration, run {len(repeats)} times: MFU median {100 * head['mfu']:.1f}%, "
              f"min {100 * min(mfus):.1f}%, max {100 * max(mfus):.1f}% "
              f"({', '.join(f'{100 * m:.1f}%' for m in mfus)} in run order). The table shows its median run.",
-             "", "| student | D | rank | width | classes | batch | multiply-adds | engine | samples/s "
-             "| GFLOP/s | peak GFLOP/s | MFU | paired MFU |",
-             "|---|---:|---:|---:|---:|---:|---:|:--|---:|---:|---:|---:|---:|"]
-    for r in runs:
-        lines.append(f"| `{r['spec']}` | {r['D']} | {r['rank']} | {r['width']:,} | {r['classes']} | "
-                     f"{r['batch']} | "
-                     f"{r['weights']:,} | {r['engine']} | {r['samples_per_second']:,.0f} | "
-                     f"{r['flop_per_second'] / 1e9:,.0f} | {r['peak'] / 1e9:,.0f} | {100 * r['mfu']:.1f}% | "
-                     f"{100 * r['mfu_paired']:.1f}% |")
+             "", *TABLE_HEAD]
+    lines += [row(r) for r in runs]
     lines += ["", f"The bottleneck (rank {runs[0]['rank']}) trains {speedup:.2f}x as many samples/s as "
               "rank 0 at the same width."]
     for spec, mfu in conv_mfus.items():
