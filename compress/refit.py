@@ -57,11 +57,14 @@ def fit_targets(data: str | Path, targets: str | Path, opts: DistillOptions = Di
     data_mod.check_key(opts.key, data)
     if opts.resume:
         check_checkpoint(Path(opts.out_dir) / "checkpoint.pt")
+    from compress.teachers.onnx_teacher import INTEGER_TYPES
+
     raw = data_mod.open_inputs(data, None, what="--data", key=opts.key)
     # pixels stored as uint8 (int8, uint16, int16) came from a teacher of that input: the student takes
-    # them as it did (compress.teachers.onnx_teacher.INTEGER_TYPES); any float data gives a float32 input
-    input_dtype = raw.dtype.name if raw.dtype.name in ("uint8", "int8", "uint16", "int16") else "float32"
-    x = np.ascontiguousarray(raw[0 : len(raw)], dtype=np.float32)
+    # them as it did, and they are held as they are, as distill holds them; any float data gives float32
+    integer = raw.dtype in {np.dtype(t) for t in INTEGER_TYPES.values()}
+    input_dtype = raw.dtype.name if integer else "float32"
+    x = np.ascontiguousarray(raw[0 : len(raw)], dtype=raw.dtype if integer else np.float32)
     z = np.asarray(data_mod.load_array(targets, what="--targets"), dtype=np.float32)
     if z.ndim != 2 or len(z) != len(x):
         raise DataError(f"--targets {targets}: shape {z.shape}; expected ({len(x)}, classes), one row of "
